@@ -21,7 +21,7 @@ import numpy as np
 
 import bnjax
 from bnjax._src.moments import batch_moments
-from bnjax._src.normalize import affine, coefficients
+from bnjax._src.normalize import affine, multiplier
 
 
 def textbook(x, axes):
@@ -51,10 +51,8 @@ def autodiff_train(bn, params, x, axes):
     keep = [1 if i in axes else d for i, d in enumerate(x.shape)]
     mom = batch_moments(x, None, axes, jnp.zeros(keep, jnp.float32))
     inv = jax.lax.rsqrt(mom.var + bn.epsilon)
-    a, b = coefficients(
-        params.scale.reshape(keep), params.bias.reshape(keep), mom.delta, inv, jnp.float32
-    )
-    return affine(x, mom.pivot, a, b, x.dtype)
+    a = multiplier(params.scale.reshape(keep), inv, jnp.float32)
+    return affine(x, mom.pivot, mom.delta, a, params.bias.reshape(keep), x.dtype)
 
 
 def _time(fns, args, rounds):

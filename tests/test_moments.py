@@ -1,11 +1,13 @@
 """Batch statistics (``bnjax._src.moments``) against numpy float64 references."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from reference import full_mask, moments
 
-from bnjax._src.moments import accumulation_dtype, batch_moments, expand_mask
+from bnjax._src import moments as moments_module
+from bnjax._src.moments import FAST_RATIO, accumulation_dtype, batch_moments, expand_mask
 
 RNG = np.random.default_rng(0)
 
@@ -27,7 +29,8 @@ def _moments(maybe_jit, x, mask=None, reduce_axes=(0,), fallback=None):
 
 
 def test_offset_data_variance_on_first_batch(maybe_jit):
-    # DESIGN §2 asks for 1e-3 relative; the pivot-shifted sums hold 1e-5 (measured ~1e-7).
+    # DESIGN §2 asks for 1e-3 relative; the exact passes hold 1e-5 (measured ~3e-6: the
+    # rounding of 4096 float32 terms).
     x = (1e3 + 0.1 * RNG.standard_normal((4096, 4))).astype(np.float32)
     _, mean_ref, var_ref = moments(x)
     _, mean, var = _moments(maybe_jit, jnp.asarray(x))
@@ -39,8 +42,8 @@ def test_offset_data_variance_on_first_batch(maybe_jit):
 
 
 def test_offset_data_variance_with_first_element_masked(maybe_jit):
-    # The pivot falls back to the running mean (here close to the data) where the first
-    # element is masked out; the statistics are still those of the counted elements.
+    # A masked-out NaN first element changes nothing: the sums shift by the running mean
+    # (here close to the data) and skip every masked-out element.
     x = (1e3 + 0.1 * RNG.standard_normal((512, 3))).astype(np.float32)
     x[0] = np.nan
     mask = np.ones(512, bool)
@@ -139,3 +142,82 @@ def test_expand_mask_shapes():
     np.testing.assert_array_equal(
         np.broadcast_to(got, (2, 3, 4, 5)), full_mask(mask, (2, 3, 4, 5), 1)
     )
+
+
+def _branch(x, reduce_axes=(0,)):
+    """The moments of each branch and of ``batch_moments``, as numpy, keyed by name."""
+    keep = tuple(1 if i in reduce_axes else d for i, d in enumerate(x.shape))
+    pivot = jnp.zeros(keep, jnp.float32)
+
+    def run(x):
+        count = jnp.asarray(np.prod([x.shape[a] for a in reduce_axes]), jnp.float32)
+        plain = moments_module._plain(x, reduce_axes, count, None, None)
+        return {
+            "plain": plain,  # the exact passes shift by the plain mean
+            "exact": moments_module._exact(x, None, reduce_axes, plain.mean, count, None, None),
+            "chosen": batch_moments(x, None, reduce_axes, pivot),
+            # fast=False: the exact passes around the running mean (here 0).
+            "forced_exact": batch_moments(x, None, reduce_axes, pivot, fast=False),
+        }
+
+    out = jax.jit(run)(x)
+    return {k: (np.asarray(m.mean).ravel(), np.asarray(m.var).ravel()) for k, m in out.items()}
+
+
+@pytest.mark.parametrize("ratio", [0.0, 1.0, 1.99, 2.01, 3.0, 1e4])
+def test_plain_sums_only_where_well_conditioned(ratio):
+    """Every feature's mean within 2 standard deviations (mean**2 <= 4 var): the plain sums;
+    one feature beyond: the exact passes, for all. Both agree with float64 either way."""
+    assert FAST_RATIO == 4.0
+    z = RNG.standard_normal((2048, 3))
+    z = (z - z.mean(0)) / z.std(0)  # exactly standardized in float64
+    x = (0.1 * z + np.array([0.0, 0.05, 0.1 * ratio])).astype(np.float32)
+    _, mean_ref, var_ref = moments(x)
+    got = _branch(jnp.asarray(x))
+    fast = ratio**2 <= FAST_RATIO * 0.999  # float32 rounding of the standardized data
+    want = got["plain"] if fast else got["exact"]
+    for a, b in zip(got["chosen"], want, strict=True):
+        np.testing.assert_array_equal(a, b)
+    for name in ("chosen", "exact", "forced_exact") + (("plain",) if fast else ()):
+        mean, var = got[name]
+        # The plain sums lose at most log2(1 + FAST_RATIO) bits: a few 1e-7 here.
+        np.testing.assert_allclose(var, var_ref, rtol=5e-6, err_msg=name)
+        np.testing.assert_allclose(mean, mean_ref, rtol=0, atol=1e-6 + 2e-7 * abs(ratio) * 0.1)
+    if ratio == 1e4:  # the plain sums would have been useless there
+        assert np.max(np.abs(got["plain"][1] - var_ref) / var_ref) > 1e-2
+
+
+def test_one_element_and_constant_features_take_the_exact_passes():
+    """Zero variance with a non-zero mean is not well conditioned: the exact passes return
+    variance 0 and the mean exactly (the one-element batch normalizes to its bias)."""
+    x = jnp.asarray([[-10.0, 0.0, 3.0]], jnp.float32)
+    got = _branch(x)
+    np.testing.assert_array_equal(got["chosen"][0], [-10.0, 0.0, 3.0])
+    np.testing.assert_array_equal(got["chosen"][1], [0.0, 0.0, 0.0])
+    const = jnp.full((64, 2), 7.25, jnp.float32)
+    np.testing.assert_array_equal(_branch(const)["chosen"][1], [0.0, 0.0])
+    zeros = _branch(jnp.zeros((8, 2), jnp.float32))  # mean 0, var 0: plain sums, exact zeros
+    np.testing.assert_array_equal(zeros["chosen"][0], [0.0, 0.0])
+    np.testing.assert_array_equal(zeros["chosen"][1], [0.0, 0.0])
+
+
+def test_vmap_over_centred_and_offset_batches(maybe_jit):
+    """Under vmap the branch is chosen per member (lax.cond becomes a select): a centred
+    and an offset member each get their own float64-accurate moments."""
+    xs = np.stack(
+        [
+            RNG.normal(0.0, 1.0, (512, 3)),
+            RNG.normal(1e3, 0.1, (512, 3)),
+        ]
+    ).astype(np.float32)
+    fallback = jnp.zeros((1, 3), jnp.float32)
+
+    def run(x):
+        mom = batch_moments(x, None, (0,), fallback)
+        return mom.mean, mom.var
+
+    mean, var = maybe_jit(jax.vmap(run))(jnp.asarray(xs))
+    for i in range(2):
+        _, mean_ref, var_ref = moments(xs[i])
+        np.testing.assert_allclose(np.ravel(var[i]), var_ref, rtol=5e-6)
+        np.testing.assert_allclose(np.ravel(mean[i]), mean_ref, rtol=2e-7, atol=1e-6)

@@ -165,3 +165,24 @@ def test_low_precision_gradients_keep_dtypes(maybe_jit, dtype):
     # dx is rounded once to the input dtype: half an ulp relative (2^-8 bf16, 2^-11 f16).
     rtol = 2.0**-8 if dtype == jnp.bfloat16 else 2.0**-11
     np.testing.assert_allclose(np.asarray(dx, np.float32), want[0], rtol=rtol, atol=1e-6)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 1.9, 2.1, 30.0, 1e4])
+def test_gradients_from_centred_to_offset_data(maybe_jit, ratio):
+    """Batches whose mean is ``ratio`` standard deviations from zero, a cotangent with a
+    large mean: well-conditioned batches take the plain sums forward and backward
+    (``sum(g * x) - mean * sum(g)``), the others the centred ones; both meet float64."""
+    rng = np.random.default_rng([4, int(ratio)])
+    std = 0.1 if ratio > 100 else 1.0
+    x = rng.normal(ratio * std, std, (256, 3)).astype(np.float32)
+    g = rng.normal(3.0, 1.0, (256, 3)).astype(np.float32)
+    bn = bnjax.BatchNorm(epsilon=EPS)
+    params, state = bn.init(x)
+    params = params._replace(scale=jnp.asarray([0.5, 1.0, 2.0], jnp.float32))
+    run = maybe_jit(functools.partial(_bnjax_grads, bn, training=True))
+    y, dx, dscale, dbias = run(params, state, jnp.asarray(x), None, jnp.asarray(g))
+    p64 = [np.asarray(a, np.float64) for a in params]
+    want = _textbook_grads(x, *p64, None, g, -1)
+    _assert_close(y, train_forward(x, EPS, *p64))
+    for got, ref in zip((dx, dscale, dbias), want, strict=True):
+        _assert_close(got, ref)

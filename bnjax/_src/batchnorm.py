@@ -17,7 +17,7 @@ from bnjax._src import ghost, renorm
 from bnjax._src import validation as v
 from bnjax._src.averaging import fold
 from bnjax._src.moments import accumulation_dtype, batch_moments, expand_mask
-from bnjax._src.normalize import Spec, affine, coefficients, train_normalize, vary_like
+from bnjax._src.normalize import Spec, affine, multiplier, train_normalize, vary_like
 from bnjax._src.recalibrate import PopulationAccumulator, accumulate
 from bnjax._src.types import BatchNormParams, BatchNormState
 
@@ -286,9 +286,8 @@ class BatchNorm:
         acc = accumulation_dtype(x.dtype, run_var.dtype)
         inv = jax.lax.rsqrt(run_var.astype(acc) + jnp.asarray(self.epsilon, acc))
         scale = jnp.reshape(params.scale, keep) if self.scale else None
-        bias = jnp.reshape(params.bias, keep) if self.center else None
-        a, b = coefficients(scale, bias, jnp.zeros((), acc), inv, acc)
-        return affine(x, run_mean.astype(acc), a, b, out_dtype)
+        bias = jnp.reshape(params.bias, keep).astype(acc) if self.center else None
+        return affine(x, run_mean.astype(acc), None, multiplier(scale, inv, acc), bias, out_dtype)
 
     def _check_trees(self, params, state, feat):
         for name, tree, kind in (

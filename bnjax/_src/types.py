@@ -36,13 +36,14 @@ class BatchNormState(NamedTuple):
 class Moments(NamedTuple):
     """Batch statistics of one call, in keep-dims shape (size 1 on reduced axes).
 
-    The mean is kept as ``pivot + delta``: ``pivot`` is the running mean the sums were
-    shifted by and ``delta`` the batch mean's offset from it, so ``(x - pivot) - delta``
-    stays exact on data whose mean is large compared with its spread.
+    The mean is kept as ``pivot + delta``: ``pivot`` is the per-feature shift the sums
+    were taken around and ``delta`` the batch mean's offset from it, so ``(x - pivot) -
+    delta`` stays exact on data whose mean is large compared with its spread. The plain
+    sums of a well-conditioned batch give ``pivot = mean`` and ``delta = 0``.
 
     Attributes:
       count: elements reduced per feature (after masking and across ``axis_name``).
-      pivot: per-feature shift the sums were taken around (the running mean).
+      pivot: per-feature shift of the sums, identical on the devices of ``axis_name``.
       delta: mean minus pivot.
       var: biased variance (second central moment divided by ``count``).
     """
