@@ -104,6 +104,25 @@ def test_momentum_zero_keeps_only_the_last_batch(maybe_jit, averaging):
     _assert_state(state, *expected, 3)
 
 
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_a_weight_of_one_takes_the_batch_exactly(maybe_jit, momentum):
+    """momentum=0 (every mode but cumulative) and the first batch of "debiased" (w = 1):
+    the stored statistics are the batch's own, bit for bit, even far from the initial
+    mean 0 and variance 1 (``old + w * (batch - old)`` would round them)."""
+    x = np.random.default_rng(4).normal(1e3, 0.01, (64, 3)).astype(np.float32)
+    averaging = "ema" if momentum == 0.0 else "debiased"
+    bn = bnjax.BatchNorm(momentum=momentum, averaging=averaging)
+    params, state = bn.init(x)
+    run = maybe_jit(lambda p, s, x: bn.apply(p, s, x, training=True)[1])
+    new = run(params, state, jnp.asarray(x))
+    # The batch statistics as the recalibration accumulator sees them (no averaging).
+    acc = bnjax.recalibrate(bn.apply, params, state, [jnp.asarray(x)])
+    np.testing.assert_array_equal(np.asarray(new.mean), np.asarray(acc.mean))
+    np.testing.assert_array_equal(np.asarray(new.var), np.asarray(acc.var))
+    _, mean, var = moments(x)
+    np.testing.assert_allclose(np.asarray(new.var), var, rtol=2e-6)
+
+
 @pytest.mark.parametrize("averaging", MODES)
 def test_momentum_one(maybe_jit, averaging):
     rng = np.random.default_rng(3)

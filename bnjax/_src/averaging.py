@@ -1,6 +1,9 @@
 """Running statistics: folding one batch's moments into the state.
 
-Every averaging mode is the same step ``r <- r + w_t * (batch - r)`` with its own weight:
+Every averaging mode is the same step ``r <- r + w_t * (batch - r)`` with its own weight
+(the incremental form: over a long run it drifts less than ``(1 - w_t) * r + w_t * batch``,
+2.8e-6 against 1e-7 after the notebook's 1000 updates; a weight of 1, the first batch of
+``"debiased"`` or ``"cumulative"``, takes the batch's statistics exactly):
 
 * ``"ema"``: ``w_t = 1 - momentum`` (TF, Keras, Flax, PyTorch; starts from mean 0, var 1).
 * ``"debiased"``: ``w_t = (1 - m) / (1 - m**(t+1))``, Haiku's zero-debiased EMA: after
@@ -30,7 +33,8 @@ def weight(averaging: str, momentum: float, count, dtype):
     if momentum == 0.0:
         return jnp.asarray(1.0, dtype)
     log_m = jnp.log(jnp.asarray(momentum, dtype))
-    return jnp.expm1(log_m) / jnp.expm1((t + 1.0) * log_m)
+    # The first batch is taken whole: exactly 1, which XLA's fused expm1s need not give.
+    return jnp.where(t == 0, 1.0, jnp.expm1(log_m) / jnp.expm1((t + 1.0) * log_m))
 
 
 def _check_floating(state: BatchNormState) -> None:
@@ -41,6 +45,13 @@ def _check_floating(state: BatchNormState) -> None:
                 f"state.{name} must be floating to hold a running average; got dtype {dtype}. "
                 f"Cast it: state._replace({name}=state.{name}.astype(jnp.float32))"
             )
+
+
+def _step(old, batch, w):
+    """``old + w * (batch - old)``; exactly ``batch`` when ``w`` is 1 (the rounding of
+    ``batch - old`` would otherwise cost up to ``|old| / |batch|`` ulps: 6e-6 relative for
+    a variance of 0.01 replacing the initial 1)."""
+    return jnp.where(w == 1, batch, old + w * (batch - old))
 
 
 def fold(
@@ -80,8 +91,8 @@ def fold(
     w = weight(averaging, momentum, state.count, dtype)
     old_mean, old_var = state.mean.astype(dtype), state.var.astype(dtype)
     new = BatchNormState(
-        mean=(old_mean + w * (mean - old_mean)).astype(state.mean.dtype),
-        var=(old_var + w * (var - old_var)).astype(state.var.dtype),
+        mean=_step(old_mean, mean, w).astype(state.mean.dtype),
+        var=_step(old_var, var, w).astype(state.var.dtype),
         count=state.count + 1,
     )
     if skip_nonfinite:

@@ -177,6 +177,6 @@ def _exact(x, mask, reduce_axes, pivot, count, axis_name, groups) -> Moments:
     # The second pass recomputes the difference (and the conversion) behind its own
     # barrier: shared with the first pass, it would be materialized between the two.
     xf = lax.optimization_barrier(x).astype(acc)
-    s2 = _masked_sum(jnp.square(xf - (pivot + delta)), mask, reduce_axes)
+    s2 = _masked_sum(jnp.square((xf - pivot) - delta), mask, reduce_axes)
     s2 = _psum(s2, axis_name, groups)
     return Moments(count=count, pivot=pivot, delta=delta, var=s2 / safe)
