@@ -1,5 +1,7 @@
 """Ghost batch norm (virtual batches) against a numpy float64 reference."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -176,6 +178,24 @@ def test_across_devices_chunk_i_of_every_device_is_one_virtual_batch():
     mean = 0.5 * (0.5 * 0 + 0.5 * stats[0][1]) + 0.5 * stats[1][1]
     np.testing.assert_allclose(new.mean, mean, rtol=1e-5, atol=1e-6)
     assert int(new.count) == 2
+
+
+def test_virtual_batches_of_one_element_warn():
+    """Chunks of one row (no other reduced axis): each chunk normalizes to its bias, which
+    warns as the whole-batch case does; chunks of two rows do not."""
+    x = jnp.asarray(np.random.default_rng(5).normal(size=(4, 3)), jnp.float32)
+    bn = bnjax.BatchNorm(virtual_batch_size=1)
+    params, state = bn.init(x)
+    params = params._replace(bias=jnp.asarray([0.5, -1.0, 2.0], jnp.float32))
+    with pytest.warns(UserWarning, match="virtual batch.*equals bias"):
+        y, _ = bn.apply(params, state, x, training=True)
+    np.testing.assert_array_equal(y, jnp.broadcast_to(params.bias, x.shape))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bnjax.BatchNorm(virtual_batch_size=2).apply(params, state, x, training=True)
+        bnjax.BatchNorm(virtual_batch_size=1).apply(
+            params, state, x.reshape(2, 2, 3), training=True
+        )
 
 
 def test_inference_accepts_any_batch_size():

@@ -10,7 +10,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from bnjax._src import checks as runtime_checks
 from bnjax._src import ghost, renorm
@@ -113,8 +112,8 @@ class BatchNorm:
         set_(self, "axis_index_groups", v.as_groups(self.axis_index_groups))
         if self.axis_index_groups is not None and self.axis_name is None:
             raise ValueError("axis_index_groups is set but axis_name is None; set both or neither")
-        set_(self, "dtype", _float_dtype("dtype", self.dtype, allow_none=True))
-        set_(self, "param_dtype", _float_dtype("param_dtype", self.param_dtype))
+        set_(self, "dtype", v.float_dtype("dtype", self.dtype, allow_none=True))
+        set_(self, "param_dtype", v.float_dtype("param_dtype", self.param_dtype))
         for name in ("scale_init", "bias_init"):
             if getattr(self, name) is not None and not callable(getattr(self, name)):
                 raise TypeError(
@@ -145,7 +144,7 @@ class BatchNorm:
             set without ``key``.
           ValueError: ``axis`` is out of range for the shape.
         """
-        shape = _shape_of(x_or_shape)
+        shape = v.shape_of(x_or_shape)
         feat = self.feature_shape(shape)
         inits = (self.scale_init, self.bias_init)
         if key is None and any(f is not None for f in inits):
@@ -199,48 +198,30 @@ class BatchNorm:
         x = jnp.asarray(x)
         feat_axes = v.feature_axes(self.axis, x.ndim, x.shape)
         red_axes = tuple(i for i in range(x.ndim) if i not in feat_axes)
-        self._check_trees(params, state, tuple(x.shape[a] for a in feat_axes))
+        v.check_trees(params, state, tuple(x.shape[a] for a in feat_axes), self.scale, self.center)
         mask = expand_mask(mask, x.shape, feat_axes)
         if self.checks:
             runtime_checks.check_apply(state, x, mask, training=training, update_stats=update_stats)
+        if training:
+            self._warn_if_one_element(x.shape, red_axes)
         keep = tuple(1 if i in red_axes else d for i, d in enumerate(x.shape))
         out_dtype = self.dtype or x.dtype
         run_mean = jax.lax.stop_gradient(jnp.reshape(state.mean, keep))
         run_var = jax.lax.stop_gradient(jnp.reshape(state.var, keep))
-        per_feature = math.prod(x.shape[a] for a in red_axes)
-        if training and per_feature == 1 and self.axis_name is None:
-            warnings.warn(
-                f"training=True with one element per feature (x shape {x.shape}, axis="
-                f"{self.axis}): each is its own batch mean, so the output equals bias",
-                UserWarning,
-                stacklevel=2,
-            )
-        if per_feature == 0 or x.size == 0:  # nothing to learn from: inference, state kept
+        if x.size == 0:  # nothing to learn from: inference, state kept
             return self._inference(params, run_mean, run_var, x, keep, out_dtype), state
         if training:
             spec = Spec(
                 red_axes, float(self.epsilon), self.axis_name, self.axis_index_groups, out_dtype
             )
-            scale = vary_like(params.scale if self.scale else None, x)
-            bias = vary_like(params.bias if self.center else None, x)
-            fallbacks = self._fallbacks(run_mean, run_var, x)
-            if self.renorm or self.virtual_batch_size is not None:
-                y, moments = self._toolkit_train(spec, x, scale, bias, mask, fallbacks, state)
-            else:
-                y, moments = train_normalize(spec, x, scale, bias, mask, *fallbacks)
-            moments = jax.lax.stop_gradient(moments)
+            y, moments = self._train(spec, params, state, x, mask, run_mean, run_var)
         else:
             y = self._inference(params, run_mean, run_var, x, keep, out_dtype)
             moments = None
             if update_stats:
-                moments = batch_moments(
-                    jax.lax.stop_gradient(x),
-                    mask,
-                    red_axes,
-                    run_mean,
-                    self.axis_name,
-                    self.axis_index_groups,
-                )
+                x_stats = jax.lax.stop_gradient(x)
+                groups = self.axis_index_groups
+                moments = batch_moments(x_stats, mask, red_axes, run_mean, self.axis_name, groups)
         if not update_stats:
             return y, state
         chunked = training and self.virtual_batch_size is not None
@@ -252,6 +233,34 @@ class BatchNorm:
             running_var=self.running_var,
             skip_nonfinite=self.skip_nonfinite,
         )
+
+    def _warn_if_one_element(self, x_shape, red_axes):
+        """Warns when every (virtual) batch holds one element per feature: y equals bias."""
+        per_feature = math.prod(x_shape[a] for a in red_axes)
+        if self.virtual_batch_size is not None:
+            chunks = ghost.check_batch(self.virtual_batch_size, x_shape, red_axes)
+            per_feature //= max(chunks, 1)
+        if per_feature == 1 and self.axis_name is None:
+            batch = "virtual batch" if self.virtual_batch_size is not None else "batch"
+            warnings.warn(
+                f"training=True with one element per feature in each {batch} (x shape "
+                f"{tuple(x_shape)}, axis={self.axis}, virtual_batch_size="
+                f"{self.virtual_batch_size}): each is its own batch mean, so the output "
+                "equals bias",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    def _train(self, spec, params, state, x, mask, run_mean, run_var):
+        """The training pass: ``(y, moments)``, the moments without gradient."""
+        scale = vary_like(params.scale if self.scale else None, x)
+        bias = vary_like(params.bias if self.center else None, x)
+        fallbacks = self._fallbacks(run_mean, run_var, x)
+        if self.renorm or self.virtual_batch_size is not None:
+            y, moments = self._toolkit_train(spec, x, scale, bias, mask, fallbacks, state)
+        else:
+            y, moments = train_normalize(spec, x, scale, bias, mask, *fallbacks)
+        return y, jax.lax.stop_gradient(moments)
 
     def _toolkit_train(self, spec, x, scale, bias, mask, fallbacks, state):
         """The training pass with batch renormalization and/or virtual batches."""
@@ -268,7 +277,6 @@ class BatchNorm:
         if self.virtual_batch_size is None:
             return train_normalize(spec, x, scale, bias, mask, *fallbacks, clip)
         k = self.virtual_batch_size
-        ghost.check_batch(k, x.shape, spec.reduce_axes)
         return ghost.ghost_normalize(k, spec, x, scale, bias, mask, *fallbacks, clip)
 
     def _fallbacks(self, run_mean, run_var, x):
@@ -288,53 +296,6 @@ class BatchNorm:
         scale = jnp.reshape(params.scale, keep) if self.scale else None
         bias = jnp.reshape(params.bias, keep).astype(acc) if self.center else None
         return affine(x, run_mean.astype(acc), None, multiplier(scale, inv, acc), bias, out_dtype)
-
-    def _check_trees(self, params, state, feat):
-        for name, tree, kind in (
-            ("params", params, BatchNormParams),
-            ("state", state, BatchNormState),
-        ):
-            missing = [f for f in kind._fields if not hasattr(tree, f)]
-            if missing:
-                raise TypeError(
-                    f"{name} must be a {kind.__name__} with fields {kind._fields}; "
-                    f"got {type(tree).__name__} without {missing}"
-                )
-        if self.scale:
-            v.check_leaf("params.scale", params.scale, feat)
-        if self.center:
-            v.check_leaf("params.bias", params.bias, feat)
-        v.check_leaf("state.mean", state.mean, feat)
-        v.check_leaf("state.var", state.var, feat)
-        v.check_leaf("state.count", state.count, ())
-        if not jnp.issubdtype(jnp.result_type(state.count), jnp.integer):
-            raise TypeError(
-                f"state.count must be an integer scalar; got dtype {jnp.result_type(state.count)}"
-            )
-
-
-def _float_dtype(name, value, allow_none=False):
-    if value is None and allow_none:
-        return None
-    try:
-        dt = jnp.dtype(value)
-    except TypeError:
-        raise TypeError(f"{name} must be a floating dtype; got {value!r}") from None
-    if not jnp.issubdtype(dt, jnp.floating):
-        raise TypeError(f"{name} must be a floating dtype; got {dt}")
-    return dt
-
-
-def _shape_of(x_or_shape) -> tuple[int, ...]:
-    if hasattr(x_or_shape, "shape"):
-        return tuple(x_or_shape.shape)
-    if isinstance(x_or_shape, (tuple, list)) and all(
-        isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0 for d in x_or_shape
-    ):
-        return tuple(int(d) for d in x_or_shape)
-    raise TypeError(
-        f"x_or_shape must be an array or a shape (tuple of non-negative ints); got {x_or_shape!r}"
-    )
 
 
 def _make(enabled, init, key, shape, dtype, default, name):

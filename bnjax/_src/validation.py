@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bnjax._src.types import BatchNormParams, BatchNormState
+
 AVERAGING = ("ema", "debiased", "cumulative")
 RUNNING_VAR = ("biased", "unbiased")
 
@@ -123,3 +125,55 @@ def check_training(name: str, value) -> None:
             f"(jax.jit(..., static_argnames=('{name}',))) or branch outside jit"
         )
     check_bool(name, value)
+
+
+def check_trees(params, state, feat, scale: bool, center: bool) -> None:
+    """Checks that ``params`` and ``state`` are the NamedTuples of ``apply`` with leaves of
+    the feature shape ``feat`` (``scale``/``bias`` only where enabled)."""
+    for name, tree, kind in (
+        ("params", params, BatchNormParams),
+        ("state", state, BatchNormState),
+    ):
+        missing = [f for f in kind._fields if not hasattr(tree, f)]
+        if missing:
+            raise TypeError(
+                f"{name} must be a {kind.__name__} with fields {kind._fields}; "
+                f"got {type(tree).__name__} without {missing}"
+            )
+    if scale:
+        check_leaf("params.scale", params.scale, feat)
+    if center:
+        check_leaf("params.bias", params.bias, feat)
+    check_leaf("state.mean", state.mean, feat)
+    check_leaf("state.var", state.var, feat)
+    check_leaf("state.count", state.count, ())
+    if not jnp.issubdtype(jnp.result_type(state.count), jnp.integer):
+        raise TypeError(
+            f"state.count must be an integer scalar; got dtype {jnp.result_type(state.count)}"
+        )
+
+
+def float_dtype(name, value, allow_none=False):
+    """``value`` as a floating ``jnp.dtype`` (or None where allowed)."""
+    if value is None and allow_none:
+        return None
+    try:
+        dt = jnp.dtype(value)
+    except TypeError:
+        raise TypeError(f"{name} must be a floating dtype; got {value!r}") from None
+    if not jnp.issubdtype(dt, jnp.floating):
+        raise TypeError(f"{name} must be a floating dtype; got {dt}")
+    return dt
+
+
+def shape_of(x_or_shape) -> tuple[int, ...]:
+    """The shape of an array, or a shape given as a tuple or list of non-negative ints."""
+    if hasattr(x_or_shape, "shape"):
+        return tuple(x_or_shape.shape)
+    if isinstance(x_or_shape, (tuple, list)) and all(
+        isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0 for d in x_or_shape
+    ):
+        return tuple(int(d) for d in x_or_shape)
+    raise TypeError(
+        f"x_or_shape must be an array or a shape (tuple of non-negative ints); got {x_or_shape!r}"
+    )
