@@ -153,6 +153,13 @@ def test_metric_fn_dicts_and_train_metrics(maybe_jit):
     np.testing.assert_allclose(metrics["mae"], np.mean(np.abs(out - batch64(batch)["y"])), 1e-5)
     assert set(metrics) == {"loss", "mae"}
     assert set(maybe_jit(make_eval_step(apply, metric_fn))(state, batch)) == {"mae"}
+    # A scalar metric joins the train metrics as "metric", beside (not over) the loss.
+    scalar = make_train_step(apply, mse, optax.sgd(0.1), metric_fn=lambda o, b: mse(o, b) * 2)
+    _, metrics = maybe_jit(scalar)(state, batch)
+    assert set(metrics) == {"loss", "metric"}
+    np.testing.assert_allclose(metrics["metric"], 2 * metrics["loss"], rtol=1e-6)
+    both = make_train_step(apply, mse, optax.sgd(0.1), metric_fn=lambda o, b: {"loss": 0.0})
+    assert float(maybe_jit(both)(state, batch)[1]["loss"]) == float(metrics["loss"])
 
 
 def test_donated_jit_step_equals_plain_step():

@@ -35,15 +35,15 @@ from bnjax._src.normalize import vary_like
 from bnjax._src.train_state import TrainState
 
 
-def _as_metrics(value, where: str) -> dict:
-    """A metric function's result as a dict: a scalar becomes ``{"loss": value}``."""
+def _as_metrics(value, where: str, scalar_key: str = "loss") -> dict:
+    """A metric function's result as a dict: a scalar becomes ``{scalar_key: value}``."""
     if isinstance(value, dict):
         return dict(value)
     if jnp.ndim(value) != 0:
         raise ValueError(
             f"{where} must return a scalar or a dict of scalars; got shape {jnp.shape(value)}"
         )
-    return {"loss": value}
+    return {scalar_key: value}
 
 
 def _check_batch(batch) -> None:
@@ -79,7 +79,9 @@ def make_train_step(
         this device's shard under ``shard_map``).
       optimizer: an ``optax.GradientTransformation``.
       metric_fn: optional ``metric_fn(outputs, batch) -> scalar or dict`` evaluated on the
-        training outputs (no gradient flows through it); its values join ``metrics``.
+        training outputs (no gradient flows through it); its values join ``metrics``, a
+        scalar as ``"metric"``; a ``"loss"`` key is the training loss (so one
+        ``loss_and_accuracy`` serves the train and the eval step).
       axis_name: under ``shard_map`` or ``pmap``, the data-parallel axis: the loss, the
         gradients and the metrics are averaged over it. The model's BatchNorm layers
         should be built with the same ``axis_name``. None otherwise.
@@ -123,7 +125,8 @@ def make_train_step(
         metrics = {"loss": loss}
         if metric_fn is not None:
             outputs = lax.stop_gradient(outputs)
-            extra = _as_metrics(metric_fn(outputs, batch), "metric_fn")
+            # "loss" is the training loss: a scalar metric comes back as "metric".
+            extra = _as_metrics(metric_fn(outputs, batch), "metric_fn", scalar_key="metric")
             metrics = {**_mean_over(extra, axis_name), "loss": loss}
         new_state = state._replace(
             step=state.step + 1, params=params, bn_state=new_bn_state, opt_state=opt_state
