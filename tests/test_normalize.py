@@ -186,3 +186,30 @@ def test_gradients_from_centred_to_offset_data(maybe_jit, ratio):
     _assert_close(y, train_forward(x, EPS, *p64))
     for got, ref in zip((dx, dscale, dbias), want, strict=True):
         _assert_close(got, ref)
+
+
+def test_hessian_matches_float64_and_forward_mode_is_refused():
+    """Reverse mode composes (jax.hessian differentiates the closed-form backward), while
+    forward mode through training mode is refused by the custom_vjp, as documented."""
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.normal(1.0, 2.0, (8, 3)), jnp.float32)
+    bn = bnjax.BatchNorm(epsilon=EPS)
+    params, state = bn.init(x)
+
+    def f(x):
+        return jnp.sum(bn.apply(params, state, x, training=True)[0] ** 3)
+
+    with jax.enable_x64(True):
+
+        def textbook(x):
+            mean = x.mean(0)
+            return jnp.sum(((x - mean) / jnp.sqrt(((x - mean) ** 2).mean(0) + EPS)) ** 3)
+
+        want = np.asarray(jax.hessian(textbook)(jnp.asarray(x, jnp.float64)))
+    _assert_close(np.asarray(jax.jit(jax.hessian(f))(x)), want)
+    with pytest.raises(TypeError, match="forward-mode"):
+        jax.jvp(f, (x,), (x,))
+    # Inference mode is plain JAX: forward mode works and equals reverse mode.
+    y = lambda x: bn.apply(params, state, x, training=False)[0]  # noqa: E731
+    _, tangent = jax.jvp(y, (x,), (jnp.ones_like(x),))
+    np.testing.assert_allclose(tangent, jax.grad(lambda x: jnp.sum(y(x)))(x), rtol=1e-6)
