@@ -108,8 +108,9 @@ class BatchNorm(nn.Module):
         Args:
           x: float array of any shape with the feature axes of ``axis``.
           use_running_average: as the attribute; exactly one of the two must be set.
-          mask: optional bool array broadcastable to ``x`` (or to ``x`` without its
-            feature axes); False entries are left out of the statistics.
+          mask: optional array broadcastable to ``x`` under numpy's rules, as in Flax
+            (trailing dimensions aligned: for ``x`` of shape ``(N, C)`` use ``(N, 1)``,
+            not ``(N,)``); False (zero) entries are left out of the statistics.
           update_stats: bnjax's option: fold this batch into ``batch_stats``; defaults to
             ``not use_running_average``. ``use_running_average=False, update_stats=False``
             normalizes with the batch's statistics and needs no mutable collection.
@@ -117,6 +118,11 @@ class BatchNorm(nn.Module):
         Returns:
           The normalized ``x``, same shape, dtype ``dtype`` or the promotion of the input
           and parameter dtypes.
+
+        Raises:
+          TypeError: ``x`` is complex or not an array, or a mode argument is not a bool.
+          ValueError: ``mask`` does not broadcast to ``x``, or the axes or variables do
+            not fit ``x``.
         """
         use_running_average = nn.merge_param(
             "use_running_average", self.use_running_average, use_running_average

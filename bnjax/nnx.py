@@ -159,8 +159,9 @@ class BatchNorm(nnx.Module):
         Args:
           x: float array of any shape with the feature axes of ``axis``.
           use_running_average: overrides the attribute when not None.
-          mask: optional bool array broadcastable to ``x`` (or to ``x`` without its
-            feature axes); False entries are left out of the statistics.
+          mask: optional array broadcastable to ``x`` under numpy's rules, as in Flax
+            (trailing dimensions aligned: for ``x`` of shape ``(N, C)`` use ``(N, 1)``,
+            not ``(N,)``); False (zero) entries are left out of the statistics.
           update_stats: bnjax's option: fold this batch into the stored statistics;
             defaults to ``not use_running_average``.
 
@@ -171,6 +172,7 @@ class BatchNorm(nnx.Module):
           ValueError: ``use_running_average`` is None here and in the constructor.
           TypeError: a mode argument is not a Python bool.
           ValueError: a setting that reads the batch count was set after construction.
+          ValueError: ``mask`` does not broadcast to ``x``.
         """
         if use_running_average is None:
             use_running_average = self.use_running_average

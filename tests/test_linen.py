@@ -117,6 +117,7 @@ GRID = [
     dict(shape=(12, 4), use_bias=False, use_scale=False, momentum=0.5),
     dict(shape=(16, 6), mask=(16, 1)),
     dict(shape=(8, 3, 3, 4), mask=(8, 3, 3, 1), momentum=0.8),
+    dict(shape=(8, 4, 3), mask=(4, 3)),  # lower rank: aligned on trailing dimensions
     dict(shape=(16, 5), dtype=jnp.float16),
     dict(shape=(16, 5), param_dtype=jnp.bfloat16),
     dict(shape=(16, 5), x_dtype=jnp.bfloat16),
@@ -132,6 +133,8 @@ def _case(case, seed=1):
     mask = None
     if mask_shape is not None:
         mask = jnp.asarray(np.random.default_rng(seed + 7).random(mask_shape) < 0.7)
+        counted = np.broadcast_to(mask, shape).reshape(-1, shape[-1]).any(0)
+        assert counted.all(), "every feature needs a counted element (Flax gives NaN)"
     low = {x_dtype, case.get("dtype"), case.get("param_dtype")} & {jnp.float16, jnp.bfloat16}
     return case, x, mask, (2e-2 if low else 1e-5)
 
@@ -185,6 +188,37 @@ def test_offset_data_variance_is_exact_where_fast_variance_is_not():
         variables, x, mutable=["batch_stats"]
     )
     assert np.max(np.abs(flax_upd["batch_stats"]["var"] / true_var - 1)) > 1e-1
+
+
+def test_lower_rank_mask_broadcasts_as_in_flax_and_a_fully_masked_feature_keeps_state():
+    """A mask of shape (C,) against x of shape (N, C) selects features, as numpy does.
+
+    Flax's statistics of a feature with no counted element are 0/0: NaN in its output and
+    in ``batch_stats``. bnjax normalizes that feature with the running statistics and, as
+    for any batch with a feature left empty, leaves ``batch_stats`` unchanged.
+    """
+    x = _data((4, 4), seed=14)
+    mask = jnp.asarray([True, True, False, True])
+    variables = nn.BatchNorm(use_running_average=False).init(KEY, x)
+    settings = dict(use_running_average=False, momentum=0.5)
+    y_ref, upd_ref = _flax(
+        nn.BatchNorm(**settings).apply, variables, x, mask=mask, mutable=["batch_stats"]
+    )
+    y, upd = bl.BatchNorm(**settings).apply(variables, x, mask=mask, mutable=["batch_stats"])
+    counted = np.asarray(mask)
+    _close(y[:, counted], y_ref[:, counted], 1e-5)
+    assert np.isnan(y_ref[:, 2]).all() and np.isnan(upd_ref["batch_stats"]["mean"][2])
+    _close(y[:, 2], x[:, 2] / np.sqrt(1 + 1e-5), 1e-6)  # the running statistics: 0 and 1
+    jax.tree.map(np.testing.assert_array_equal, upd["batch_stats"], variables["batch_stats"])
+
+
+@pytest.mark.parametrize("mask_shape", [(6,), (6, 4, 1), (2, 6, 4)])
+def test_mask_that_does_not_broadcast_to_x_is_refused_by_name(mask_shape):
+    x = _data((6, 4), seed=15)
+    bn = bl.BatchNorm(use_running_average=False)
+    variables = bn.init(KEY, x)
+    with pytest.raises(ValueError, match=r"mask of shape .* does not broadcast to x"):
+        bn.apply(variables, x, mask=jnp.ones(mask_shape, bool), mutable=["batch_stats"])
 
 
 def test_output_matches_numpy_float64_with_masked_rows():

@@ -100,6 +100,7 @@ GRID = [
     dict(shape=(8, 4, 4, 3), momentum=0.9, epsilon=1e-3),
     dict(shape=(6, 3, 5), axis=1, use_bias=False, features=3),
     dict(shape=(16, 6), mask=(16, 1), use_scale=False),
+    dict(shape=(8, 4, 3), mask=(4, 3)),  # lower rank: aligned on trailing dimensions
     dict(shape=(16, 5), dtype=jnp.bfloat16),
     dict(shape=(16, 5), x_dtype=jnp.bfloat16),
     dict(shape=(16, 5), x_dtype=jnp.int32),
@@ -116,6 +117,8 @@ def test_matches_flax_in_both_modes_and_in_the_update(case):
     mask = None
     if mask_shape is not None:
         mask = jnp.asarray(np.random.default_rng(2).random(mask_shape) < 0.7)
+        counted = np.broadcast_to(mask, shape).reshape(-1, shape[-1]).any(0)
+        assert counted.all(), "every feature needs a counted element (Flax gives NaN)"
     tol = 2e-2 if jnp.bfloat16 in (case.get("dtype"), x_dtype) else 1e-5
     theirs = nnx.BatchNorm(features, rngs=_rngs(), **case)
     ours = bx.BatchNorm(features, rngs=_rngs(), **case)
@@ -132,6 +135,20 @@ def test_matches_flax_in_both_modes_and_in_the_update(case):
         assert a.dtype == b.dtype
         _close(a, b, tol)
     _close(ours.var[...], theirs.var[...], tol)
+
+
+def test_lower_rank_mask_follows_flax_and_a_bad_one_is_refused_by_name():
+    x = _data((4, 4), seed=8)
+    mask = jnp.asarray([True, True, False, True])  # selects features, as in numpy
+    theirs = nnx.BatchNorm(4, momentum=0.5, rngs=_rngs())
+    ours = bx.BatchNorm(4, momentum=0.5, rngs=_rngs())
+    y_ref, y = _flax(theirs, x, mask=mask), ours(x, mask=mask)
+    _close(y[:, mask], y_ref[:, mask], 1e-5)
+    assert np.isnan(y_ref[:, 2]).all() and np.isnan(theirs.mean[...][2])
+    _close(y[:, 2], x[:, 2] / np.sqrt(1 + 1e-5), 1e-6)  # the running statistics
+    np.testing.assert_array_equal(ours.mean[...], np.zeros(4))  # a feature left empty
+    with pytest.raises(ValueError, match=r"mask of shape \(6,\) does not broadcast to x"):
+        bx.BatchNorm(4, rngs=_rngs())(_data((6, 4)), mask=jnp.ones(6, bool))
 
 
 def test_train_and_eval_switch_modes_and_match_numpy():

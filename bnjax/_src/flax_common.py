@@ -9,6 +9,9 @@ The batch count that bnjax's state carries is stored (``batch_stats/count``, an 
 scalar) only when a setting reads it: ``averaging="debiased"`` or ``"cumulative"``,
 ``renorm=True`` or ``checks=True``. With the default ``averaging="ema"`` the variables are
 exactly Flax's. A count missing from the variables (Flax's own, say) counts as 0.
+
+Masks follow Flax, not the core: a mask is broadcast against ``x`` with numpy's rules
+(trailing dimensions aligned), see :func:`broadcast_mask`.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bnjax._src import validation as v
 from bnjax._src.batchnorm import BatchNorm
@@ -113,6 +117,49 @@ def extra_defaults() -> dict[str, Any]:
     return {name: fields[name] for name in EXTRA_OPTIONS}
 
 
+def broadcast_mask(mask, x_shape) -> jax.Array | None:
+    """Flax's reading of ``mask``: any array-like, broadcast against ``x`` with numpy's rules.
+
+    The core reads a mask with fewer dimensions than ``x`` as ``x`` without its feature
+    axes; Flax (``x.mean(axes, where=mask)``) aligns trailing dimensions. The wrappers are
+    drop-in replacements, so they follow Flax: a mask of shape ``(C,)`` against ``x`` of
+    shape ``(N, C)`` selects features, and one of shape ``(N,)`` does not broadcast (use
+    ``mask[:, None]``). The mask gets leading size-1 dimensions up to ``x.ndim``, which the
+    core reads unambiguously and which, unlike ``jnp.broadcast_to``, materializes nothing.
+
+    Args:
+      mask: None, or an array-like of any dtype (nonzero counts), broadcastable to ``x``.
+      x_shape: the shape of ``x``.
+
+    Returns:
+      None, or a bool array of ``len(x_shape)`` dimensions that broadcasts to ``x_shape``.
+
+    Raises:
+      TypeError: ``mask`` cannot be converted to an array.
+      ValueError: ``mask`` does not broadcast to ``x_shape``.
+    """
+    if mask is None:
+        return None
+    try:
+        mask = jnp.asarray(mask, jnp.bool_)
+    except (TypeError, ValueError) as e:
+        raise TypeError(
+            f"mask must be an array broadcastable to x; got {type(mask).__name__} ({e})"
+        ) from None
+    x_shape = tuple(x_shape)
+    try:
+        fits = np.broadcast_shapes(mask.shape, x_shape) == x_shape
+    except ValueError:
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"mask of shape {mask.shape} does not broadcast to x of shape {x_shape}; expected "
+            "a shape broadcastable to x under numpy's rules (trailing dimensions aligned, as "
+            "in Flax), e.g. x.shape, or x.shape with 1 for the feature axes"
+        )
+    return jnp.reshape(mask, (1,) * (len(x_shape) - mask.ndim) + mask.shape)
+
+
 def run(core, scale, bias, stats: Stats, x, *, training, update_stats, mask):
     """One call of the core on a wrapper's variables.
 
@@ -126,19 +173,20 @@ def run(core, scale, bias, stats: Stats, x, *, training, update_stats, mask):
       x: the input, any shape with the feature axes of ``core.axis``.
       training: normalize with batch statistics (True) or the running ones.
       update_stats: fold this batch into the running statistics.
-      mask: None, or a bool array broadcastable to ``x`` (Flax's form) or to ``x``
-        without its feature axes.
+      mask: None, or an array-like broadcastable to ``x`` (see :func:`broadcast_mask`).
 
     Returns:
       ``(y, new_stats)``: the output and the statistics to store (``stats`` itself when
       ``update_stats`` is False).
+
+    Raises:
+      TypeError, ValueError: an argument is invalid; the message names it.
     """
     acc = accumulation_dtype(stats.mean.dtype, stats.var.dtype)
     count = jnp.zeros((), jnp.int32) if stats.count is None else stats.count
     state = BatchNormState(mean=stats.mean.astype(acc), var=stats.var.astype(acc), count=count)
     params = BatchNormParams(scale=scale, bias=bias)
-    if mask is not None:
-        mask = jnp.asarray(mask, jnp.bool_)
+    mask = broadcast_mask(mask, jnp.shape(x))
     y, new = core.apply(params, state, x, training=training, update_stats=update_stats, mask=mask)
     if not update_stats:
         return y, stats
