@@ -42,7 +42,9 @@ class BatchNorm(nn.Module):
     The batch count is stored as ``batch_stats/count`` only when a setting reads it
     (``averaging="debiased"`` or ``"cumulative"``, ``renorm``, ``checks``). Variables
     without it (Flax's own) count as 0 batches: with ``"debiased"`` the next training
-    batch replaces the stored statistics, with ``"cumulative"`` it starts a new mean.
+    batch replaces the stored statistics, with ``"cumulative"`` it starts a new mean. With
+    ``checks=True``, inference on statistics without a count (or with a count of 0) reports
+    them as never updated only when they are still exactly at init (mean 0, var 1).
 
     Attributes:
       use_running_average: True normalizes with ``batch_stats``; False with the batch's

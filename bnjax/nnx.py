@@ -49,7 +49,9 @@ class BatchNorm(nnx.Module):
     reads it (``averaging="debiased"`` or ``"cumulative"``, ``renorm``, ``checks``);
     otherwise ``count`` is None and the state is exactly Flax's. A Flax state loaded into
     a module that stores a count leaves the count at its value (0 when fresh): with
-    ``"debiased"`` the next training batch then replaces the loaded statistics.
+    ``"debiased"`` the next training batch then replaces the loaded statistics. With
+    ``checks=True``, inference on statistics with a count of 0 reports them as never updated
+    only when they are still exactly at init (mean 0, var 1), so a loaded Flax state passes.
 
     Args:
       num_features: the size of the feature axis (a tuple for several feature axes).

@@ -10,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 import reference as ref
+from jax.experimental import checkify
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -257,6 +258,34 @@ def test_debiased_averaging_runs_on_flax_variables_without_a_count():
     assert int(upd["batch_stats"]["count"]) == 1
     fresh = train_bn.init(KEY, x)
     assert fresh["batch_stats"]["count"].dtype == jnp.int32
+
+
+def _trained_flax_variables(x):
+    bn = nn.BatchNorm(use_running_average=False, momentum=0.5)
+    variables = bn.init(KEY, x)
+    _, upd = bn.apply(variables, x, mutable=["batch_stats"])
+    return variables, {**variables, **upd}
+
+
+def test_checks_on_flax_variables_without_a_count_judge_the_statistics():
+    """A missing count is unknown: trained statistics pass, init values and bad ones fail."""
+    x = _data((16, 3), seed=16)
+    fresh, trained = _trained_flax_variables(x)
+    assert "count" not in trained["batch_stats"]
+    bn = bl.BatchNorm(use_running_average=True, checks=True)
+    y_ref = nn.BatchNorm(use_running_average=True).apply(trained, x)
+    _close(bn.apply(trained, x), y_ref, 1e-6)
+    y, upd = bn.apply(trained, x, mutable=["batch_stats"])  # the count is created at 0
+    _close(y, y_ref, 1e-6)
+    assert int(upd["batch_stats"]["count"]) == 0
+    with pytest.raises(checkify.JaxRuntimeError, match="never updated"):
+        bn.apply(fresh, x)  # still mean 0, var 1: never updated, count or not
+    bad = jax.tree.map(lambda a: a, trained)
+    bad["batch_stats"]["var"] = trained["batch_stats"]["var"].at[1].set(-1.0)
+    with pytest.raises(checkify.JaxRuntimeError, match="state.var"):
+        bn.apply(bad, x)
+    counted = {**trained, "batch_stats": {**trained["batch_stats"], "count": jnp.int32(0)}}
+    _close(bn.apply(counted, x), y_ref, 1e-6)  # a count of 0 next to loaded statistics
 
 
 def test_bnjax_options_reach_the_core():

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import reference as ref
 from flax import nnx
+from jax.experimental import checkify
 
 import bnjax
 import bnjax.nnx as bx
@@ -149,6 +150,22 @@ def test_lower_rank_mask_follows_flax_and_a_bad_one_is_refused_by_name():
     np.testing.assert_array_equal(ours.mean[...], np.zeros(4))  # a feature left empty
     with pytest.raises(ValueError, match=r"mask of shape \(6,\) does not broadcast to x"):
         bx.BatchNorm(4, rngs=_rngs())(_data((6, 4)), mask=jnp.ones(6, bool))
+
+
+def test_checks_after_loading_a_flax_state_judge_the_statistics():
+    """The count stays 0 through nnx.update from Flax: the loaded statistics decide."""
+    x = _data((16, 3), seed=9)
+    flax_bn = nnx.BatchNorm(3, momentum=0.5, rngs=_rngs())
+    ours = bx.BatchNorm(3, checks=True, use_running_average=True, rngs=_rngs())
+    with pytest.raises(checkify.JaxRuntimeError, match="never updated"):
+        ours(x)  # fresh: mean 0, var 1, count 0
+    _flax(flax_bn, x)
+    nnx.update(ours, nnx.state(flax_bn))
+    assert int(ours.count[...]) == 0
+    _close(ours(x), _flax(flax_bn, x, use_running_average=True), 1e-6)
+    ours.var[...] = ours.var[...].at[0].set(jnp.nan)
+    with pytest.raises(checkify.JaxRuntimeError, match="state.var"):
+        ours(x)
 
 
 def test_train_and_eval_switch_modes_and_match_numpy():
