@@ -177,6 +177,71 @@ def test_matches_flax_eagerly_and_under_jit(maybe_jit):
     _compare(*_case(dict(shape=(16, 6), mask=(16, 1), momentum=0.9)), maybe_jit)
 
 
+def test_custom_initializers_match_flax():
+    settings = dict(scale_init=nn.initializers.normal(0.5), bias_init=nn.initializers.uniform(2.0))
+    x = _data((16, 4), seed=17)
+    theirs = nn.BatchNorm(use_running_average=False, **settings)
+    ours = bl.BatchNorm(use_running_average=False, **settings)
+    variables = ours.init(KEY, x)
+    jax.tree.map(np.testing.assert_array_equal, variables, theirs.init(KEY, x))
+    scale, bias = variables["params"]["scale"], variables["params"]["bias"]
+    assert not np.allclose(scale, 1) and not np.allclose(bias, 0)
+    _compare(
+        {"scale_init": settings["scale_init"], "bias_init": settings["bias_init"]},
+        x,
+        None,
+        1e-5,
+        jax.jit,
+    )
+
+
+@pytest.mark.parametrize(
+    "param_dtype, x_dtype",
+    [
+        (jnp.bfloat16, jnp.float32),
+        (jnp.float16, jnp.float16),
+        (jnp.float32, jnp.bfloat16),
+        (jnp.bfloat16, jnp.bfloat16),
+    ],
+)
+def test_force_float32_reductions_false_matches_flax_numbers(param_dtype, x_dtype):
+    """Flax reduces in the input dtype here; bnjax in float32, so it is at least as close.
+
+    Flax's update also turns low-precision ``batch_stats`` into float32 when ``x`` is float32
+    (``momentum * bf16 + (1 - momentum) * f32``); bnjax keeps the stored dtype.
+    """
+    settings = dict(force_float32_reductions=False, param_dtype=param_dtype, momentum=0.9)
+    x = _data((16, 5), seed=18).astype(x_dtype)
+    bn, flax_bn = bl.BatchNorm(**settings), nn.BatchNorm(**settings)
+    variables = _flax(flax_bn.init, KEY, x, use_running_average=False)
+    assert variables["batch_stats"]["mean"].dtype == param_dtype
+    variables["params"] = jax.tree.map(lambda a: a * 1.5 + 0.25, variables["params"])
+
+    def train(module, v):
+        return module.apply(v, x, use_running_average=False, mutable=["batch_stats"])
+
+    (y_ref, upd_ref), (y, upd) = _flax(train, flax_bn, variables), train(bn, variables)
+    x64 = np.asarray(x, np.float64)
+    _, mean, var = ref.moments(x64, -1)
+    scale, bias = (np.asarray(variables["params"][k], np.float64) for k in ("scale", "bias"))
+    exact = ref.normalize(x64, mean, var, 1e-5, scale, bias)
+    assert y.dtype == y_ref.dtype
+    _close(y, y_ref, 2e-2)
+    err, err_ref = (np.max(np.abs(np.asarray(a, np.float64) - exact)) for a in (y, y_ref))
+    assert err <= err_ref + 1e-6, (err, err_ref)
+    for name, batch, init in (("mean", mean, 0.0), ("var", var, 1.0)):
+        assert upd["batch_stats"][name].dtype == param_dtype
+        _close(upd["batch_stats"][name], upd_ref["batch_stats"][name], 1e-2)
+        stored_tol = 1e-5 if param_dtype == jnp.float32 else 4e-3  # one rounding
+        _close(upd["batch_stats"][name], 0.9 * init + 0.1 * batch, stored_tol)
+
+    trained = {**variables, **upd}
+    y_ref = _flax(flax_bn.apply, trained, x, use_running_average=True)
+    y = bn.apply(trained, x, use_running_average=True)
+    assert y.dtype == y_ref.dtype
+    _close(y, y_ref, 2e-2)
+
+
 def test_offset_data_variance_is_exact_where_fast_variance_is_not():
     x = _data((256, 4), seed=3, loc=1e3, scale=0.1)
     _, true_var = np.mean(np.asarray(x, np.float64), 0), np.var(np.asarray(x, np.float64), 0)
@@ -440,6 +505,32 @@ def test_axis_name_under_shard_map_matches_flax_on_equal_shards():
             )
         )
     jax.tree.map(lambda a, b: _close(a, b, 1e-5), out[1], out[0])
+
+
+def test_axis_index_groups_match_flax_and_give_each_group_its_statistics():
+    """Under ``jax.pmap``: ``shard_map`` does not implement ``axis_index_groups``."""
+    x = _data((32, 3), seed=19)
+    groups = [[0, 2, 4, 6], [1, 3, 5, 7]]
+    variables = nn.BatchNorm(use_running_average=False).init(KEY, x)
+    out = []
+    for cls in (nn.BatchNorm, bl.BatchNorm):
+        bn = cls(use_running_average=False, axis_name="data", axis_index_groups=groups)
+
+        def step(x, bn=bn):
+            y, upd = bn.apply(variables, x, mutable=["batch_stats"])
+            return y, upd["batch_stats"]
+
+        out.append(_flax(jax.pmap(step, axis_name="data"), x.reshape(8, 4, 3)))
+    jax.tree.map(lambda a, b: _close(a, b, 1e-5), out[1], out[0])
+    y, new = out[1]
+    shards = np.asarray(x, np.float64).reshape(8, 4, 3)
+    for group in groups:
+        _, mean, var = ref.moments(shards[group].reshape(-1, 3), -1)
+        want = ref.normalize(shards[group], mean, var, 1e-5)
+        np.testing.assert_allclose(y[np.asarray(group)], want, atol=1e-5)
+        for name, want in (("mean", 0.01 * mean), ("var", 0.99 + 0.01 * var)):
+            got = new[name][np.asarray(group)]
+            np.testing.assert_allclose(got, np.broadcast_to(want, got.shape), atol=1e-6)
 
 
 # -- a small CNN trained with each BatchNorm -------------------------------------------

@@ -168,6 +168,72 @@ def test_checks_after_loading_a_flax_state_judge_the_statistics():
         ours(x)
 
 
+def test_custom_initializers_and_metadata_match_flax():
+    settings = dict(
+        scale_init=nnx.initializers.normal(0.5),
+        bias_init=nnx.initializers.uniform(2.0),
+        scale_metadata={"tag": "bn-scale"},
+        bias_metadata={"tag": "bn-bias"},
+    )
+    theirs = nnx.BatchNorm(4, rngs=_rngs(), **settings)
+    ours = bx.BatchNorm(4, rngs=_rngs(), **settings)
+    for name in ("scale", "bias"):
+        mine, flax_var = getattr(ours, name), getattr(theirs, name)
+        np.testing.assert_array_equal(mine[...], flax_var[...])
+        assert mine.get_metadata() == flax_var.get_metadata()
+        assert mine.get_metadata()["tag"] == f"bn-{name}"
+    assert not np.allclose(ours.scale[...], 1) and not np.allclose(ours.bias[...], 0)
+    x = _data((16, 4), seed=10)
+    y_ref, y = _flax(theirs, x), ours(x)
+    _close(y, y_ref, 1e-5)
+    _close(ours(x, use_running_average=True), _flax(theirs, x, use_running_average=True), 1e-5)
+
+
+def _to_bfloat16(args, /, *, dtype=None, inexact=True):
+    """A promote_dtype that ignores ``dtype`` and computes in bfloat16."""
+    del dtype, inexact
+    return tuple(None if a is None else jnp.asarray(a, jnp.bfloat16) for a in args)
+
+
+def test_custom_promote_dtype_matches_flax():
+    x = _data((16, 5), seed=11)
+    theirs = nnx.BatchNorm(5, momentum=0.9, promote_dtype=_to_bfloat16, rngs=_rngs())
+    ours = bx.BatchNorm(5, momentum=0.9, promote_dtype=_to_bfloat16, rngs=_rngs())
+    for use_running_average in (False, True):
+        y_ref = _flax(theirs, x, use_running_average=use_running_average)
+        y = ours(x, use_running_average=use_running_average)
+        assert y.dtype == y_ref.dtype == jnp.bfloat16
+        _close(y, y_ref, 2e-2)
+        for name in ("mean", "var"):
+            a, b = getattr(ours, name)[...], getattr(theirs, name)[...]
+            assert a.dtype == b.dtype == jnp.float32
+            _close(a, b, 1e-2)  # bnjax reduces the bfloat16 input in float32, as Flax does
+
+
+def test_axis_index_groups_match_flax_under_pmap():
+    """``shard_map`` does not implement ``axis_index_groups``; ``jax.pmap`` does."""
+    x = _data((8, 4, 3), seed=12)
+    groups = [[0, 1, 2, 3], [4, 5, 6, 7]]
+    out = []
+    for cls in (nnx.BatchNorm, bx.BatchNorm):
+        bn = cls(3, momentum=0.5, axis_name="data", axis_index_groups=groups, rngs=_rngs())
+        graphdef, state = nnx.split(bn)
+
+        def step(state, x, graphdef=graphdef):
+            module = nnx.merge(graphdef, state)
+            y = module(x)
+            return y, module.mean[...], module.var[...]
+
+        out.append(_flax(jax.pmap(step, axis_name="data", in_axes=(None, 0)), state, x))
+    jax.tree.map(lambda a, b: _close(a, b, 1e-5), out[1], out[0])
+    y, mean, var = out[1]
+    for group in map(np.asarray, groups):
+        _, m, v = ref.moments(np.asarray(x[group], np.float64).reshape(-1, 3), -1)
+        np.testing.assert_allclose(y[group], ref.normalize(x[group], m, v, 1e-5), atol=1e-5)
+        np.testing.assert_allclose(mean[group], np.broadcast_to(0.5 * m, (4, 3)), atol=1e-6)
+        np.testing.assert_allclose(var[group], np.broadcast_to(0.5 + 0.5 * v, (4, 3)), atol=1e-6)
+
+
 def test_train_and_eval_switch_modes_and_match_numpy():
     x = _data((32, 3), seed=3)
     bn = bx.BatchNorm(3, momentum=0.9, epsilon=1e-3, rngs=_rngs())
