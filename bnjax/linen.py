@@ -108,7 +108,8 @@ class BatchNorm(nn.Module):
         """Normalizes ``x``; in training, updates ``batch_stats`` (which must be mutable).
 
         Args:
-          x: float array of any shape with the feature axes of ``axis``.
+          x: array of any shape with the feature axes of ``axis``; integer and bool
+            inputs are normalized in float32, as in Flax.
           use_running_average: as the attribute; exactly one of the two must be set.
           mask: optional array broadcastable to ``x`` under numpy's rules, as in Flax
             (trailing dimensions aligned: for ``x`` of shape ``(N, C)`` use ``(N, 1)``,

@@ -159,7 +159,8 @@ class BatchNorm(nnx.Module):
         """Normalizes ``x``; in training, updates the stored statistics.
 
         Args:
-          x: float array of any shape with the feature axes of ``axis``.
+          x: array of any shape with the feature axes of ``axis``; integer and bool
+            inputs are promoted by ``promote_dtype`` (to float32 by default), as in Flax.
           use_running_average: overrides the attribute when not None.
           mask: optional array broadcastable to ``x`` under numpy's rules, as in Flax
             (trailing dimensions aligned: for ``x`` of shape ``(N, C)`` use ``(N, 1)``,

@@ -121,16 +121,66 @@ def test_keras_live(axis, shape):
     np.testing.assert_allclose(y_eval, np.asarray(layer(x_eval, training=False)), **TOL)
 
 
-def test_keras_and_tf1_defaults():
+def test_keras_defaults():
     layer = keras.layers.BatchNormalization()
     bn = presets.keras()
     assert (bn.axis, bn.momentum, bn.epsilon) == (layer.axis, layer.momentum, layer.epsilon)
     assert (bn.running_var, bn.averaging) == ("biased", "ema")
-    tf1 = presets.tf1()
-    assert (tf1.momentum, tf1.epsilon, tf1.running_var) == (0.99, 1e-3, "unbiased")
-    assert presets.tf1(fused=False).running_var == "biased"
-    with pytest.raises(TypeError, match="fused"):
-        presets.tf1(fused=None)
+
+
+# -- TF1 ----------------------------------------------------------------------------
+# The TF1 notebook: x = [[-10], [0], [10]] (2-D, so TF1's non-fused path), momentum 0.99,
+# epsilon 1e-3; after 1000 updates it printed moving variance 66.66382, inference -1.224762.
+NOTEBOOK_X = np.asarray([[-10.0], [0.0], [10.0]], np.float32)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"fused": None, "ndim": 2}, {"fused": True, "ndim": 2}])
+def test_tf1_default_reproduces_the_notebook(kwargs, maybe_jit):
+    bn = presets.tf1(**kwargs)
+    params, state = bn.init(NOTEBOOK_X)
+
+    def train(params, state, x):
+        step = lambda _, s: bn.apply(params, s, x, training=True)[1]  # noqa: E731
+        state = jax.lax.fori_loop(0, 1000, step, state)
+        return bn.apply(params, state, x[:1], training=False)[0], state
+
+    y, state = maybe_jit(train)(params, state, NOTEBOOK_X)
+    np.testing.assert_allclose(np.ravel(state.var), [66.66382], rtol=1e-6)
+    np.testing.assert_allclose(np.ravel(y), [-1.224762], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fused_kernel"),
+    [
+        ({"ndim": 4}, True),  # TF1's default on 4-D input: fused
+        ({"ndim": 4, "axis": 1}, True),
+        ({"ndim": 4, "axis": -3}, True),
+        ({"ndim": 4, "fused": True}, True),
+        ({"ndim": 4, "fused": False}, False),
+        ({"ndim": 4, "axis": 2}, False),  # fused only for channel axis 1 or 3
+        ({"ndim": 4, "axis": (1, 3)}, False),
+        ({"ndim": 3}, False),
+        ({"ndim": 5, "fused": True}, False),  # TF1 falls back silently
+        ({}, False),  # rank unknown: fused taken literally
+        ({"fused": True}, True),
+        ({"fused": False}, False),
+    ],
+)
+def test_tf1_kernel_choice_follows_tf1(kwargs, fused_kernel):
+    bn = presets.tf1(epsilon=1e-6, **kwargs)
+    assert bn.running_var == ("unbiased" if fused_kernel else "biased")
+    assert bn.epsilon == (1.001e-5 if fused_kernel else 1e-6)  # the fused kernel's minimum
+    assert (bn.momentum, presets.tf1(**kwargs).epsilon) == (0.99, 1e-3)
+
+
+def test_tf1_fused_4d_stores_the_unbiased_variance():
+    x = _data(5, (2, 3, 3, 4), steps=1)[0][0]
+    bn = presets.tf1(ndim=x.ndim)
+    params, state = bn.init(x)
+    _, state = bn.apply(params, state, x, training=True)
+    ref = np.asarray(x, np.float64).reshape(-1, 4)
+    np.testing.assert_allclose(state.var, 0.99 + 0.01 * ref.var(0, ddof=1), rtol=1e-6)
+    np.testing.assert_allclose(state.mean, 0.01 * ref.mean(0), rtol=1e-6)
 
 
 # -- Haiku --------------------------------------------------------------------------

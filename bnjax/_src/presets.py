@@ -6,17 +6,33 @@ returns the equivalent :class:`bnjax.BatchNorm`, so a port reads like the origin
 * PyTorch's ``momentum`` is the weight of the *new* batch (0.1 there is 0.9 here),
   ``momentum=None`` is a cumulative average, the running variance is unbiased and the
   channel axis is 1.
-* Keras and TF1 default to ``epsilon=1e-3``; TF1's fused kernel (4-D inputs) stores the
-  unbiased batch variance in its moving average.
+* Keras and TF1 default to ``epsilon=1e-3``; TF1's fused kernel (4-D inputs only) stores
+  the unbiased batch variance in its moving average.
 * Haiku's ``decay_rate`` is a zero-debiased EMA.
 """
 
 from __future__ import annotations
 
+import numbers
+
 import jax.numpy as jnp
 
 from bnjax._src import validation as v
 from bnjax._src.batchnorm import BatchNorm
+
+# TF1's fused kernel: only for a single channel axis 1 or 3 of a 4-D input
+# (``BatchNormalizationBase._raise_if_fused_cannot_be_used``), and with epsilon raised to
+# cuDNN's minimum (``tf.nn.fused_batch_norm``).
+_TF1_FUSED_AXES = (-3, -1, 1, 3)
+_TF1_FUSED_MIN_EPSILON = 1.001e-5
+
+
+def _check_ndim(ndim) -> None:
+    """``ndim``: None (unknown) or the input's rank, a positive int."""
+    if ndim is not None and (isinstance(ndim, bool) or not isinstance(ndim, numbers.Integral)):
+        raise TypeError(f"ndim must be None or an int (the input's rank, x.ndim); got {ndim!r}")
+    if ndim is not None and ndim < 1:
+        raise ValueError(f"ndim={ndim!r} is out of range; expected the input's rank, >= 1")
 
 
 def torch(momentum: float | None = 0.1, eps: float = 1e-5, affine: bool = True) -> BatchNorm:
@@ -78,47 +94,82 @@ def keras(
     return BatchNorm(axis=axis, momentum=momentum, epsilon=epsilon, center=center, scale=scale)
 
 
+def _tf1_uses_fused(axis, fused: bool | None, ndim: int | None) -> bool:
+    """Whether TF1 runs its fused kernel (``BatchNormalizationV1.build``)."""
+    if ndim is None:  # the rank is unknown: take ``fused`` literally
+        return bool(fused)
+    if fused is not None and not fused:
+        return False
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    return ndim == 4 and len(axes) == 1 and axes[0] in _TF1_FUSED_AXES
+
+
 def tf1(
     axis=-1,
     momentum: float = 0.99,
     epsilon: float = 1e-3,
     center=True,
     scale=True,
-    fused: bool = True,
+    fused: bool | None = None,
+    *,
+    ndim: int | None = None,
 ) -> BatchNorm:
     """``tf.compat.v1.layers.batch_normalization(axis, momentum, epsilon, center, scale, fused)``.
 
-    TF1 uses its fused kernel by default for 4-D inputs (``fused=None``); that kernel
-    stores the unbiased batch variance in the moving average, while the non-fused path
-    (any other rank, or ``fused=False``) stores the biased one. Pass ``fused=False`` to
-    match the non-fused path. With bnjax, ``training`` is an argument of every ``apply``,
-    and the state it returns *is* the update that TF1 puts in ``UPDATE_OPS``.
+    TF1 chooses its kernel when it first sees the input. With ``fused=None`` (its
+    default) or ``fused=True`` it runs the fused kernel if the input is 4-D and ``axis``
+    is a single axis 1 or 3 (``-1``, ``-3``), and silently falls back to the non-fused
+    path otherwise. The two store different moving variances: the fused kernel the
+    unbiased ``n / (n - 1)`` batch variance (and it raises ``epsilon`` to at least
+    ``1.001e-5``), the non-fused path the biased one.
+
+    A preset is built before it sees an input, so pass ``ndim=x.ndim`` and the kernel
+    is resolved exactly as TF1 resolves it. Without ``ndim``, ``fused`` is taken
+    literally: ``None`` or ``False`` is the non-fused path (what TF1 runs for every rank
+    but 4), ``True`` the fused kernel.
+
+    With bnjax, ``training`` is an argument of every ``apply``, and the state it returns
+    *is* the update that TF1 puts in ``UPDATE_OPS``.
 
     Args:
       axis: the feature axis (or axes).
-      momentum: decay of the old moving value.
-      epsilon: added to the variance.
+      momentum: decay of the old moving value, in [0, 1].
+      epsilon: added to the variance; at least 0.
       center: learn ``beta``.
       scale: learn ``gamma``.
-      fused: True for TF1's fused kernel (unbiased moving variance), False for the
-        non-fused path (biased).
+      fused: TF1's ``fused``: None (its default) or True to use the fused kernel where
+        TF1 can, False never to use it.
+      ndim: the rank of the layer's input (``x.ndim``), so the preset picks the kernel
+        TF1 picks; None if unknown (see above).
 
     Returns:
-      The equivalent ``BatchNorm``.
+      The equivalent ``BatchNorm``: ``running_var="unbiased"`` on the fused kernel,
+      ``"biased"`` otherwise.
+
+    Raises:
+      TypeError: ``fused`` is not None or a bool, ``ndim`` not None or an int, or another
+        argument of the wrong type.
+      ValueError: ``ndim`` below 1, or another argument out of range.
 
     Example:
       >>> from bnjax import presets
-      >>> presets.tf1(fused=False).running_var
+      >>> presets.tf1(ndim=2).running_var   # TF1's non-fused path (also tf1())
       'biased'
+      >>> presets.tf1(ndim=4).running_var   # TF1's fused kernel
+      'unbiased'
     """
-    v.check_bool("fused", fused)
+    if fused is not None:
+        v.check_bool("fused", fused)
+    _check_ndim(ndim)
+    v.check_number("epsilon", epsilon, low=0.0)
+    uses_fused = _tf1_uses_fused(v.as_axes(axis), fused, ndim)
     return BatchNorm(
         axis=axis,
         momentum=momentum,
-        epsilon=epsilon,
+        epsilon=max(epsilon, _TF1_FUSED_MIN_EPSILON) if uses_fused else epsilon,
         center=center,
         scale=scale,
-        running_var="unbiased" if fused else "biased",
+        running_var="unbiased" if uses_fused else "biased",
     )
 
 
