@@ -237,8 +237,13 @@ def test_haiku_preset_arguments():
     assert (bn.scale, bn.center, bn.axis) == (False, True, -1)
     first = presets.haiku(0.9, create_scale=True, create_offset=True, data_format="channels_first")
     assert first.axis == 1
-    with pytest.raises(ValueError, match="data_format"):
-        presets.haiku(0.9, create_scale=True, create_offset=True, data_format="NHWC?")
+    for data_format, axis in (("NCHW", 1), ("NC...", 1), ("NHWC", -1), ("N...C", -1)):
+        assert _haiku(0.9, data_format=data_format).axis == axis
+    assert _haiku(0.9, cross_replica_axis=["hosts", "cores"]).axis_name == ("hosts", "cores")
+
+
+def _haiku(*args, **kwargs):
+    return presets.haiku(*args, **{"create_scale": True, "create_offset": True, **kwargs})
 
 
 # -- Flax ---------------------------------------------------------------------------
@@ -283,3 +288,58 @@ def test_flax_preset_names():
     bn = presets.flax(use_bias=False, use_scale=True, axis_name="batch", dtype=jnp.bfloat16)
     assert (bn.center, bn.scale, bn.axis_name, bn.dtype) == (False, True, "batch", jnp.bfloat16)
     assert (bn.momentum, bn.epsilon) == (0.99, 1e-5)
+
+
+# -- Errors name the framework's argument ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "message"),
+    [
+        (lambda: presets.torch(eps=-1), ValueError, r"^eps=-1 is out of range"),
+        (lambda: presets.torch(eps="1e-5"), TypeError, r"^eps must be a real number; got '1e-5'"),
+        (lambda: presets.torch(momentum=1.5), ValueError, r"^momentum=1.5 is out of range"),
+        (lambda: presets.torch(affine=1), TypeError, r"^affine must be a Python bool; got 1"),
+        (lambda: presets.keras(momentum=-0.5), ValueError, r"^momentum=-0.5 is out of range"),
+        (lambda: presets.keras(center="no"), TypeError, r"^center must be a Python bool"),
+        (lambda: presets.tf1(epsilon=-1.0), ValueError, r"^epsilon=-1.0 is out of range"),
+        (lambda: presets.tf1(fused="yes"), TypeError, r"^fused must be a Python bool; got 'yes'"),
+        (lambda: presets.tf1(ndim=4.0), TypeError, r"^ndim must be None or an int.*got 4.0"),
+        (lambda: presets.tf1(ndim=0), ValueError, r"^ndim=0 is out of range"),
+        (lambda: presets.flax(use_bias=1), TypeError, r"^use_bias must be a Python bool; got 1"),
+        (lambda: presets.flax(use_scale=None), TypeError, r"^use_scale must be a Python bool"),
+        (lambda: presets.flax(momentum=2), ValueError, r"^momentum=2 is out of range"),
+        (lambda: _haiku(1.5), ValueError, r"^decay_rate=1.5 is out of range"),
+        (lambda: _haiku(None), TypeError, r"^decay_rate must be a real number; got None"),
+        (lambda: _haiku(0.9, -1.0), ValueError, r"^eps=-1.0 is out of range"),
+        (
+            lambda: presets.haiku(0.9, create_scale=1, create_offset=True),
+            TypeError,
+            r"^create_scale must be a Python bool; got 1",
+        ),
+        (
+            lambda: presets.haiku(0.9, create_scale=True, create_offset="yes"),
+            TypeError,
+            r"^create_offset must be a Python bool; got 'yes'",
+        ),
+        (lambda: _haiku(0.9, data_format="NHWC?"), ValueError, r"^data_format='NHWC\?'"),
+        (
+            lambda: _haiku(0.9, cross_replica_axis={"i": 0}),
+            TypeError,
+            r"^cross_replica_axis must be a name or a sequence of names; got \{'i': 0\}",
+        ),
+        (
+            lambda: _haiku(0.9, cross_replica_axis_index_groups=[[0, 1]]),
+            ValueError,
+            r"^cross_replica_axis_index_groups=\[\[0, 1\]\] is set but cross_replica_axis",
+        ),
+        (
+            lambda: _haiku(0.9, cross_replica_axis="i", cross_replica_axis_index_groups=[[]]),
+            ValueError,
+            r"^cross_replica_axis_index_groups=\[\[\]\] has an empty group",
+        ),
+    ],
+)
+def test_preset_errors_name_the_framework_argument(make, error, message):
+    with pytest.raises(error, match=message):
+        make()

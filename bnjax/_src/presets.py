@@ -1,7 +1,8 @@
 """Presets: the ``BatchNorm`` that behaves like another framework's batch norm.
 
 Each function takes the framework's own argument names, defaults and conventions and
-returns the equivalent :class:`bnjax.BatchNorm`, so a port reads like the original:
+returns the equivalent :class:`bnjax.BatchNorm`, so a port reads like the original, and
+a bad argument is reported under the framework's name for it:
 
 * PyTorch's ``momentum`` is the weight of the *new* batch (0.1 there is 0.9 here),
   ``momentum=None`` is a cumulative average, the running variance is unbiased and the
@@ -14,6 +15,8 @@ returns the equivalent :class:`bnjax.BatchNorm`, so a port reads like the origin
 from __future__ import annotations
 
 import numbers
+import re
+from collections.abc import Sequence
 
 import jax.numpy as jnp
 
@@ -26,6 +29,10 @@ from bnjax._src.batchnorm import BatchNorm
 _TF1_FUSED_AXES = (-3, -1, 1, 3)
 _TF1_FUSED_MIN_EPSILON = 1.001e-5
 
+# ``hk.get_channel_index``: the data formats Haiku accepts and their channel axis.
+_HAIKU_CHANNELS_FIRST = re.compile(r"^NC[^C]*$")
+_HAIKU_CHANNELS_LAST = re.compile(r"^N[^C]*C$|^((BT)|(TB))[^D]*D$")
+
 
 def _check_ndim(ndim) -> None:
     """``ndim``: None (unknown) or the input's rank, a positive int."""
@@ -33,6 +40,24 @@ def _check_ndim(ndim) -> None:
         raise TypeError(f"ndim must be None or an int (the input's rank, x.ndim); got {ndim!r}")
     if ndim is not None and ndim < 1:
         raise ValueError(f"ndim={ndim!r} is out of range; expected the input's rank, >= 1")
+
+
+def haiku_channel_index(data_format) -> int:
+    """The channel axis (1 or -1) of a Haiku ``data_format``, as ``hk.get_channel_index``.
+
+    Raises:
+      ValueError: ``data_format`` is none of ``channels_first``, ``channels_last``, a
+        spatial format (``NCHW``, ``NHWC``, ``N...C``, ...) or a sequential one (``BTHWD``).
+    """
+    if isinstance(data_format, str):
+        if data_format == "channels_first" or _HAIKU_CHANNELS_FIRST.match(data_format):
+            return 1
+        if data_format == "channels_last" or _HAIKU_CHANNELS_LAST.match(data_format):
+            return -1
+    raise ValueError(
+        f"data_format={data_format!r} is not supported; expected 'channels_last', "
+        "'channels_first', or a Haiku layout string such as 'NHWC', 'NCHW' or 'N...C'"
+    )
 
 
 def torch(momentum: float | None = 0.1, eps: float = 1e-5, affine: bool = True) -> BatchNorm:
@@ -43,15 +68,17 @@ def torch(momentum: float | None = 0.1, eps: float = 1e-5, affine: bool = True) 
     ``num_batches_tracked``.
 
     Args:
-      momentum: PyTorch's weight of the new batch, or None for the cumulative average.
-      eps: added to the variance.
+      momentum: PyTorch's weight of the new batch, in [0, 1], or None for the cumulative
+        average.
+      eps: added to the variance; at least 0.
       affine: learn ``weight`` (scale) and ``bias``.
 
     Returns:
       The equivalent ``BatchNorm``.
 
     Raises:
-      TypeError, ValueError: an argument of the wrong type or out of range.
+      TypeError, ValueError: an argument of the wrong type or out of range, named as
+        PyTorch names it.
 
     Example:
       >>> from bnjax import presets
@@ -59,6 +86,7 @@ def torch(momentum: float | None = 0.1, eps: float = 1e-5, affine: bool = True) 
       0.9
     """
     v.check_number("momentum", momentum, low=0.0, high=1.0, allow_none=True)
+    v.check_number("eps", eps, low=0.0)
     v.check_bool("affine", affine)
     return BatchNorm(
         axis=1,
@@ -78,13 +106,16 @@ def keras(
 
     Args:
       axis: the feature axis (or axes).
-      momentum: decay of the old moving value.
-      epsilon: added to the variance.
+      momentum: decay of the old moving value, in [0, 1].
+      epsilon: added to the variance; at least 0.
       center: learn ``beta``.
       scale: learn ``gamma``.
 
     Returns:
       The equivalent ``BatchNorm`` (biased moving variance, mean 0 / var 1 start).
+
+    Raises:
+      TypeError, ValueError: an argument of the wrong type or out of range.
 
     Example:
       >>> from bnjax import presets
@@ -188,8 +219,8 @@ def flax(
 
     Args:
       axis: the feature axis (or axes).
-      momentum: decay of the old running value.
-      epsilon: added to the variance.
+      momentum: decay of the old running value, in [0, 1].
+      epsilon: added to the variance; at least 0.
       use_bias: learn ``bias``.
       use_scale: learn ``scale``.
       axis_name: named axis over which batch statistics are combined.
@@ -200,11 +231,16 @@ def flax(
     Returns:
       The equivalent ``BatchNorm``.
 
+    Raises:
+      TypeError, ValueError: an argument of the wrong type or out of range.
+
     Example:
       >>> from bnjax import presets
       >>> presets.flax(momentum=0.9).momentum
       0.9
     """
+    v.check_bool("use_bias", use_bias)
+    v.check_bool("use_scale", use_scale)
     return BatchNorm(
         axis=axis,
         momentum=momentum,
@@ -216,6 +252,31 @@ def flax(
         dtype=dtype,
         param_dtype=param_dtype,
     )
+
+
+def _haiku_cross_replica(cross_replica_axis, cross_replica_axis_index_groups):
+    """Haiku's ``cross_replica_axis`` (a name or a sequence of names) and its groups."""
+    axis = cross_replica_axis
+    if isinstance(axis, Sequence) and not isinstance(axis, str):
+        axis = tuple(axis)
+    try:
+        hash(axis)
+    except TypeError:
+        raise TypeError(
+            f"cross_replica_axis must be a name or a sequence of names; got {axis!r}"
+        ) from None
+    try:
+        groups = v.as_groups(cross_replica_axis_index_groups)
+    except (TypeError, ValueError) as err:  # name Haiku's argument, not bnjax's
+        raise type(err)(
+            str(err).replace("axis_index_groups", "cross_replica_axis_index_groups", 1)
+        ) from None
+    if groups is not None and axis is None:
+        raise ValueError(
+            f"cross_replica_axis_index_groups={cross_replica_axis_index_groups!r} is set but "
+            "cross_replica_axis is None; expected both or neither"
+        )
+    return axis, groups
 
 
 def haiku(
@@ -234,33 +295,40 @@ def haiku(
     first batch they hold that batch's statistics exactly.
 
     Args:
-      decay_rate: decay of the old moving value.
-      eps: added to the variance.
+      decay_rate: decay of the old moving value, in [0, 1].
+      eps: added to the variance; at least 0.
       create_scale: learn ``scale``.
       create_offset: learn ``offset`` (bnjax's ``bias``).
-      data_format: ``"channels_last"`` (axis -1) or ``"channels_first"`` (axis 1).
-      cross_replica_axis: named axis over which batch statistics are combined.
+      data_format: ``"channels_last"`` (axis -1), ``"channels_first"`` (axis 1), or a
+        layout string Haiku accepts (``"NHWC"``, ``"NCHW"``, ``"N...C"``, ``"BTHWD"``, ...).
+      cross_replica_axis: named axis (or a sequence of them) over which batch statistics
+        are combined.
       cross_replica_axis_index_groups: groups of its indices.
 
     Returns:
       The equivalent ``BatchNorm``.
 
     Raises:
-      ValueError: ``data_format`` is not one of the two above.
+      TypeError, ValueError: an argument of the wrong type or out of range, named as
+        Haiku names it.
 
     Example:
       >>> from bnjax import presets
       >>> presets.haiku(0.9, create_scale=True, create_offset=True).averaging
       'debiased'
     """
-    v.check_choice("data_format", data_format, ("channels_last", "channels_first"))
+    v.check_number("decay_rate", decay_rate, low=0.0, high=1.0)
+    v.check_number("eps", eps, low=0.0)
+    v.check_bool("create_scale", create_scale)
+    v.check_bool("create_offset", create_offset)
+    replica_axis, groups = _haiku_cross_replica(cross_replica_axis, cross_replica_axis_index_groups)
     return BatchNorm(
-        axis=-1 if data_format == "channels_last" else 1,
+        axis=haiku_channel_index(data_format),
         momentum=decay_rate,
         epsilon=eps,
         center=create_offset,
         scale=create_scale,
         averaging="debiased",
-        axis_name=cross_replica_axis,
-        axis_index_groups=cross_replica_axis_index_groups,
+        axis_name=replica_axis,
+        axis_index_groups=groups,
     )
