@@ -92,6 +92,61 @@ def test_torch_prefix_and_no_affine():
         interop.from_torch({"running_mean": np.zeros(3, np.float32)})
 
 
+class _TorchLike:
+    """The part of ``torch.Tensor`` that ``from_torch`` may use, without torch.
+
+    Like torch, ``numpy()`` refuses a tensor that still requires grad, one on another
+    device, and bfloat16 (numpy has no such dtype); ``float()`` widens to float32.
+    """
+
+    def __init__(self, array, dtype=None, *, requires_grad=False, device="cuda"):
+        self._array = np.asarray(array)
+        self.dtype = f"torch.{dtype or self._array.dtype}"
+        self.requires_grad, self.device = requires_grad, device
+
+    def detach(self):
+        return _TorchLike(self._array, self.dtype[6:], device=self.device)
+
+    def cpu(self):
+        return _TorchLike(
+            self._array, self.dtype[6:], requires_grad=self.requires_grad, device="cpu"
+        )
+
+    def float(self):
+        return _TorchLike(
+            self._array.astype(np.float32), requires_grad=self.requires_grad, device=self.device
+        )
+
+    def numpy(self):
+        if self.requires_grad or self.device != "cpu":
+            raise RuntimeError("Can't call numpy() on a tensor that requires grad or is on cuda")
+        if self.dtype == "torch.bfloat16":
+            raise TypeError("Got unsupported ScalarType BFloat16")
+        return self._array.copy()
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_torch_tensors_are_read_exactly(dtype):
+    params, state = _trained(9)
+    # Values with more significant bits than float16 holds, and beyond its range.
+    values = [np.asarray(a, np.float32) * 1e30 for a in (*params, state.mean, state.var)]
+    stored = [np.asarray(jnp.asarray(a, dtype)) for a in values]
+    name = np.dtype(dtype).name
+    sd = {
+        "weight": _TorchLike(stored[0].astype(np.float32), name, requires_grad=True),
+        "bias": _TorchLike(stored[1].astype(np.float32), name, requires_grad=True),
+        "running_mean": _TorchLike(stored[2].astype(np.float32), name),
+        "running_var": _TorchLike(stored[3].astype(np.float32), name),
+        "num_batches_tracked": _TorchLike(np.asarray(17, np.int64)),
+    }
+    got = interop.from_torch(sd)
+    want = (
+        bnjax.BatchNormParams(*(jnp.asarray(a) for a in stored[:2])),
+        bnjax.BatchNormState(*(jnp.asarray(a) for a in stored[2:]), jnp.asarray(17, jnp.int32)),
+    )
+    _assert_same_tree(got, want)
+
+
 # -- Keras --------------------------------------------------------------------------
 
 

@@ -14,11 +14,30 @@ import numpy as np
 
 from bnjax._src.types import BatchNormParams, BatchNormState
 
+# torch dtypes that ``Tensor.numpy()`` refuses (numpy has no such dtype) but jax has; each
+# is a subset of float32, so widening to float32 and narrowing back is exact.
+_TORCH_ONLY_FLOATS = (
+    "bfloat16",
+    "float8_e4m3fn",
+    "float8_e4m3fnuz",
+    "float8_e5m2",
+    "float8_e5m2fnuz",
+)
+
+
+def _torch_numpy(tensor):
+    """A torch tensor as a numpy array, without importing torch (exact values)."""
+    tensor = tensor.detach().cpu()
+    kind = str(tensor.dtype).removeprefix("torch.")
+    if kind in _TORCH_ONLY_FLOATS:
+        return tensor.float().numpy().astype(jnp.dtype(kind))
+    return tensor.numpy()
+
 
 def _array(value, name: str, dtype=None) -> jnp.ndarray:
     """A numpy array, torch tensor or jax array as a jax array (exact values)."""
-    if hasattr(value, "detach"):  # a torch tensor, converted without importing torch
-        value = value.detach().cpu().numpy()
+    if hasattr(value, "detach"):  # a torch tensor
+        value = _torch_numpy(value)
     try:
         out = jnp.asarray(np.asarray(value))
     except (TypeError, ValueError):
@@ -27,7 +46,7 @@ def _array(value, name: str, dtype=None) -> jnp.ndarray:
 
 
 def _count(value, name: str) -> jnp.ndarray:
-    count = np.asarray(value.detach().cpu().numpy() if hasattr(value, "detach") else value)
+    count = np.asarray(_torch_numpy(value) if hasattr(value, "detach") else value)
     if count.shape != () or not np.issubdtype(count.dtype, np.integer):
         raise TypeError(f"{name} must be an integer scalar; got {value!r}")
     return jnp.asarray(count, jnp.int32)
