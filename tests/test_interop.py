@@ -187,39 +187,75 @@ def test_keras_wrong_number_of_weights():
 # -- Haiku --------------------------------------------------------------------------
 
 
-def _haiku_model(decay):
+def _haiku_trained(decay, shape, steps=3, **module_kwargs):
+    """An hk.BatchNorm trained (jitted, as Haiku is used) for a few steps, and its model."""
+
     def forward(x, is_training):
-        return hk.BatchNorm(True, True, decay_rate=decay)(x, is_training)
+        return hk.BatchNorm(True, True, decay_rate=decay, **module_kwargs)(x, is_training)
 
-    return hk.transform_with_state(forward)
-
-
-def test_haiku_round_trips():
-    model = _haiku_model(0.9)
+    model = hk.transform_with_state(forward)
     rng = np.random.default_rng(4)
-    xs = (rng.normal(size=(3, 6, 2, 3)) * 2 + 1).astype(np.float32)
+    xs = (rng.normal(size=(steps, *shape)) * 2 + 1).astype(np.float32)
     hk_params, hk_state = model.init(None, xs[0], True)
     hk_params = jax.tree.map(lambda a: a * 1.5 + 0.1, hk_params)
+    train = jax.jit(lambda p, s, x: model.apply(p, s, None, x, True)[1])
     with jax.numpy_dtype_promotion("standard"):  # Haiku's EMA mixes int and float
         for x in xs:
-            _, hk_state = model.apply(hk_params, hk_state, None, x, True)
-    params, state = interop.from_haiku(hk_params, hk_state)
-    assert params.scale.shape == (3,) and int(state.count) == 3
-    p2, s2 = interop.to_haiku(params, state, decay_rate=0.9, ndim=3)
-    _assert_same_tree(p2, jax.tree.map(np.asarray, hk_params))
+            hk_state = train(hk_params, hk_state, x)
+    return model, jax.tree.map(np.asarray, hk_params), jax.tree.map(np.asarray, hk_state), xs
+
+
+def _assert_haiku_state_close(got, want):
+    """Averages and counters bit for bit; the raw ``hidden`` within 1 ulp and consistent."""
     for ema in ("mean_ema", "var_ema"):
-        got, want = s2[f"batch_norm/~/{ema}"], hk_state[f"batch_norm/~/{ema}"]
-        np.testing.assert_array_equal(got["average"], want["average"])
-        np.testing.assert_array_equal(got["counter"], want["counter"])
-        np.testing.assert_allclose(got["hidden"], want["hidden"], rtol=1e-6)
-    _assert_same_tree(interop.from_haiku(p2, s2), (params, state))
+        g, w = got[f"batch_norm/~/{ema}"], want[f"batch_norm/~/{ema}"]
+        np.testing.assert_array_equal(g["average"], w["average"])
+        np.testing.assert_array_equal(g["counter"], w["counter"])
+        assert g["hidden"].dtype == w["hidden"].dtype and g["hidden"].shape == w["hidden"].shape
+        np.testing.assert_array_max_ulp(g["hidden"], w["hidden"], maxulp=1)
+
+
+@pytest.mark.parametrize(
+    ("shape", "module_kwargs", "decay", "feature_axes"),
+    [
+        ((6, 2, 3), {}, 0.9, (2,)),
+        ((6, 2, 3), {}, 0.999, (2,)),
+        ((6, 3, 2, 2), {"data_format": "channels_first"}, 0.99, (1,)),
+        ((6, 4, 3), {"axis": [0]}, 0.9, (1, 2)),  # Haiku's axis lists the reduced axes
+    ],
+)
+def test_haiku_round_trips(shape, module_kwargs, decay, feature_axes):
+    model, hk_params, hk_state, xs = _haiku_trained(decay, shape, **module_kwargs)
+    params, state = interop.from_haiku(hk_params, hk_state, **module_kwargs)
+    feature = tuple(shape[i] for i in feature_axes)
+    assert params.scale.shape == state.mean.shape == feature and int(state.count) == len(xs)
+    p2, s2 = interop.to_haiku(params, state, decay_rate=decay, ndim=len(shape), **module_kwargs)
+    _assert_same_tree(p2, hk_params)
+    _assert_haiku_state_close(s2, hk_state)
+    _assert_same_tree(interop.from_haiku(p2, s2, **module_kwargs), (params, state))
+    # The rebuilt hidden is one that Haiku's own (jitted) debiasing maps to the average.
+    debias = jax.jit(lambda h, c: h / (1 - jnp.power(jnp.float32(decay), c)))
+    with jax.numpy_dtype_promotion("standard"):
+        for ema in ("mean_ema", "var_ema"):
+            e = s2[f"batch_norm/~/{ema}"]
+            np.testing.assert_array_equal(debias(e["hidden"], e["counter"]), e["average"])
     x_eval = xs[0] * 0.5
     with jax.numpy_dtype_promotion("standard"):
         y_hk, _ = model.apply(hk_params, hk_state, None, x_eval, False)
-    y, _ = presets.haiku(0.9, create_scale=True, create_offset=True).apply(
-        params, state, x_eval, training=False
-    )
+    bn = bnjax.BatchNorm(axis=feature_axes, momentum=decay, averaging="debiased")
+    if "axis" not in module_kwargs:
+        bn = presets.haiku(decay, create_scale=True, create_offset=True, **module_kwargs)
+    y, _ = bn.apply(params, state, x_eval, training=False)
     np.testing.assert_allclose(y, y_hk, rtol=1e-5, atol=1e-5)
+
+
+def test_haiku_layout_must_match_the_module():
+    _, hk_params, hk_state, _ = _haiku_trained(0.9, (6, 3, 2, 2), data_format="channels_first")
+    with pytest.raises(ValueError, match=r"mean_ema.average has shape \(1, 3, 1, 1\); expected"):
+        interop.from_haiku(hk_params, hk_state)  # read as channels_last
+    params, state = interop.from_haiku(hk_params, hk_state, data_format="NCHW")
+    with pytest.raises(ValueError, match="state.mean has shape"):
+        interop.to_haiku(params, state, decay_rate=0.9, ndim=4, axis=[0])
 
 
 def test_haiku_without_params():

@@ -187,13 +187,21 @@ def test_tf1_fused_4d_stores_the_unbiased_variance():
 
 
 @pytest.mark.parametrize(
-    ("create_scale", "create_offset", "shape"), [(True, True, (8, 3)), (False, True, (4, 3, 3, 2))]
+    ("create_scale", "create_offset", "shape", "data_format"),
+    [
+        (True, True, (8, 3), "channels_last"),
+        (False, True, (4, 3, 3, 2), "channels_last"),
+        (True, True, (4, 3, 2, 2), "channels_first"),
+        (True, True, (4, 3, 5), "NCW"),
+    ],
 )
-def test_haiku_live(create_scale, create_offset, shape):
+def test_haiku_live(create_scale, create_offset, shape, data_format):
     decay = 0.7
 
     def forward(x, is_training):
-        return hk.BatchNorm(create_scale, create_offset, decay_rate=decay)(x, is_training)
+        return hk.BatchNorm(create_scale, create_offset, decay_rate=decay, data_format=data_format)(
+            x, is_training
+        )
 
     model = hk.transform_with_state(forward)
     xs, gs, x_eval = _data(2, shape)
@@ -201,9 +209,11 @@ def test_haiku_live(create_scale, create_offset, shape):
     hk_params = jax.tree.map(
         lambda a: a + np.linspace(0.3, 0.9, a.size).reshape(a.shape), hk_params
     )
-    bn = presets.haiku(decay, create_scale=create_scale, create_offset=create_offset)
+    bn = presets.haiku(
+        decay, create_scale=create_scale, create_offset=create_offset, data_format=data_format
+    )
     params, state = bn.init(shape)
-    params = bnjax.interop.from_haiku(hk_params, hk_state)[0]
+    params = bnjax.interop.from_haiku(hk_params, hk_state, data_format=data_format)[0]
     step = _bnjax_step(bn, jax.jit)
 
     def hk_loss(p, xx, s, g):
@@ -222,7 +232,7 @@ def test_haiku_live(create_scale, create_offset, shape):
             np.testing.assert_allclose(d_params.scale, hk_dscale, rtol=1e-4, atol=1e-4)
         hk_dbias = hk_grads[0]["batch_norm"]["offset"].reshape(-1)
         np.testing.assert_allclose(d_params.bias, hk_dbias, rtol=1e-4, atol=1e-4)
-        _, hk_as_bnjax = bnjax.interop.from_haiku(hk_params, hk_state)
+        _, hk_as_bnjax = bnjax.interop.from_haiku(hk_params, hk_state, data_format=data_format)
         np.testing.assert_allclose(state.mean, hk_as_bnjax.mean, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(state.var, hk_as_bnjax.var, rtol=1e-4, atol=1e-5)
         assert int(state.count) == int(hk_as_bnjax.count)
