@@ -10,6 +10,9 @@ The chunks are a ``jax.vmap`` of the ordinary training pass over a ``(chunks, k,
 view of ``x``, so masks, batch renormalization, ``axis_name`` (chunk ``i`` of every device
 is combined) and the closed-form gradient all carry over unchanged; the running
 statistics take the stacked chunk moments with a ``lax.scan`` of :func:`averaging.fold`.
+The chunks of one call are normalized in parallel, so with batch renormalization each
+corrects towards the running statistics from before the call (as the devices of one
+data-parallel step do), not towards those left by the chunks before it.
 """
 
 from __future__ import annotations
