@@ -9,13 +9,12 @@
 5
 """
 
+from bnjax._src.haiku_interop import from_haiku, to_haiku
 from bnjax._src.interop import (
     from_flax,
-    from_haiku,
     from_keras,
     from_torch,
     to_flax,
-    to_haiku,
     to_keras,
     to_torch,
 )
