@@ -86,8 +86,6 @@ def fold(
     if running_var == "unbiased":
         var = var * (n / jnp.maximum(n - 1, 1))
     ok = jnp.all(n > (1 if running_var == "unbiased" else 0))
-    if skip_nonfinite:
-        ok = ok & jnp.all(jnp.isfinite(mean)) & jnp.all(jnp.isfinite(var))
     w = weight(averaging, momentum, state.count, dtype)
     old_mean, old_var = state.mean.astype(dtype), state.var.astype(dtype)
     new = BatchNormState(
@@ -96,5 +94,8 @@ def fold(
         count=state.count + 1,
     )
     if skip_nonfinite:
+        # A non-finite batch statistic makes its new value non-finite too (NaN stays NaN,
+        # an infinity stays infinite or becomes NaN through 0 * inf), so checking the new
+        # values covers the batch's and an overflow of the stored dtype alike.
         ok = ok & jnp.all(jnp.isfinite(new.mean)) & jnp.all(jnp.isfinite(new.var))
     return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state)
