@@ -144,7 +144,7 @@ def test_expand_mask_shapes():
     )
 
 
-def _branch(x, reduce_axes=(0,)):
+def _branch(maybe_jit, x, reduce_axes=(0,)):
     """The moments of each branch and of ``batch_moments``, as numpy, keyed by name."""
     keep = tuple(1 if i in reduce_axes else d for i, d in enumerate(x.shape))
     pivot = jnp.zeros(keep, jnp.float32)
@@ -160,12 +160,12 @@ def _branch(x, reduce_axes=(0,)):
             "forced_exact": batch_moments(x, None, reduce_axes, pivot, fast=False),
         }
 
-    out = jax.jit(run)(x)
+    out = maybe_jit(run)(x)
     return {k: (np.asarray(m.mean).ravel(), np.asarray(m.var).ravel()) for k, m in out.items()}
 
 
 @pytest.mark.parametrize("ratio", [0.0, 1.0, 1.99, 2.01, 3.0, 1e4])
-def test_plain_sums_only_where_well_conditioned(ratio):
+def test_plain_sums_only_where_well_conditioned(maybe_jit, ratio):
     """Every feature's mean within 2 standard deviations (mean**2 <= 4 var): the plain sums;
     one feature beyond: the exact passes, for all. Both agree with float64 either way."""
     assert FAST_RATIO == 4.0
@@ -173,7 +173,7 @@ def test_plain_sums_only_where_well_conditioned(ratio):
     z = (z - z.mean(0)) / z.std(0)  # exactly standardized in float64
     x = (0.1 * z + np.array([0.0, 0.05, 0.1 * ratio])).astype(np.float32)
     _, mean_ref, var_ref = moments(x)
-    got = _branch(jnp.asarray(x))
+    got = _branch(maybe_jit, jnp.asarray(x))
     fast = ratio**2 <= FAST_RATIO * 0.999  # float32 rounding of the standardized data
     want = got["plain"] if fast else got["exact"]
     for a, b in zip(got["chosen"], want, strict=True):
@@ -187,16 +187,17 @@ def test_plain_sums_only_where_well_conditioned(ratio):
         assert np.max(np.abs(got["plain"][1] - var_ref) / var_ref) > 1e-2
 
 
-def test_one_element_and_constant_features_take_the_exact_passes():
+def test_one_element_and_constant_features_take_the_exact_passes(maybe_jit):
     """Zero variance with a non-zero mean is not well conditioned: the exact passes return
     variance 0 and the mean exactly (the one-element batch normalizes to its bias)."""
     x = jnp.asarray([[-10.0, 0.0, 3.0]], jnp.float32)
-    got = _branch(x)
+    got = _branch(maybe_jit, x)
     np.testing.assert_array_equal(got["chosen"][0], [-10.0, 0.0, 3.0])
     np.testing.assert_array_equal(got["chosen"][1], [0.0, 0.0, 0.0])
     const = jnp.full((64, 2), 7.25, jnp.float32)
-    np.testing.assert_array_equal(_branch(const)["chosen"][1], [0.0, 0.0])
-    zeros = _branch(jnp.zeros((8, 2), jnp.float32))  # mean 0, var 0: plain sums, exact zeros
+    np.testing.assert_array_equal(_branch(maybe_jit, const)["chosen"][1], [0.0, 0.0])
+    # mean 0, var 0: the plain sums, exact zeros
+    zeros = _branch(maybe_jit, jnp.zeros((8, 2), jnp.float32))
     np.testing.assert_array_equal(zeros["chosen"][0], [0.0, 0.0])
     np.testing.assert_array_equal(zeros["chosen"][1], [0.0, 0.0])
 
