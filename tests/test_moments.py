@@ -222,3 +222,14 @@ def test_vmap_over_centred_and_offset_batches(maybe_jit):
         _, mean_ref, var_ref = moments(xs[i])
         np.testing.assert_allclose(np.ravel(var[i]), var_ref, rtol=5e-6)
         np.testing.assert_allclose(np.ravel(mean[i]), mean_ref, rtol=2e-7, atol=1e-6)
+
+
+def test_overflowing_plain_sums_take_the_exact_passes(maybe_jit):
+    """float32 values near 1e19 square to infinity in the plain sums; the centred squares
+    of the exact passes do not, and give the float64 variance."""
+    x = (1e19 + 1e15 * RNG.standard_normal((256, 2))).astype(np.float32)
+    _, mean_ref, var_ref = moments(x)
+    got = _branch(maybe_jit, jnp.asarray(x))
+    assert not np.all(np.isfinite(got["plain"][1]))
+    np.testing.assert_allclose(got["chosen"][1], var_ref, rtol=1e-5)
+    np.testing.assert_allclose(got["chosen"][0], mean_ref, rtol=1e-6)

@@ -134,8 +134,13 @@ def batch_moments(
 
 
 def well_conditioned(moments: Moments):
-    """True when every feature has ``mean**2 <= FAST_RATIO * var``: the plain sums are safe."""
-    return jnp.all(jnp.square(moments.mean) <= FAST_RATIO * moments.var)
+    """True when every feature has a finite ``var`` and ``mean**2 <= FAST_RATIO * var``.
+
+    Then the plain sums are safe. A sum of squares that overflowed (``|x|`` near 1e19 in
+    float32) gives an infinite variance that the exact passes, on centred values, avoid.
+    """
+    var = moments.var
+    return jnp.all((jnp.square(moments.mean) <= FAST_RATIO * var) & jnp.isfinite(var))
 
 
 def _psum(values, axis_name, groups):
