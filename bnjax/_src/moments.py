@@ -150,8 +150,9 @@ def _psum(values, axis_name, groups):
 def _plain(x, reduce_axes, count, axis_name, groups) -> Moments:
     """Moments from ``sum(x)`` and ``sum(x**2)``: two independent plain reductions.
 
-    Each reads ``x`` through its own barrier: shared, the float32 conversion of a bfloat16
-    ``x`` would be written to memory in full and read back.
+    Each reads ``x`` through its own barrier (the second also holds ``count``, only so that
+    CSE cannot merge the two barriers): shared, the float32 conversion of a bfloat16 ``x``
+    would be written to memory in full and read back.
     """
     acc = accumulation_dtype(x.dtype)
     x1 = lax.optimization_barrier(x).astype(acc)
