@@ -61,8 +61,8 @@ class BatchNorm(nn.Module):
       axis_index_groups: groups of ``axis_name`` indices.
       use_fast_variance, force_float32_reductions: accepted; see above.
       averaging, running_var, skip_nonfinite, checks, renorm, renorm_rmax, renorm_dmax,
-        renorm_ramp_start, renorm_ramp_steps, virtual_batch_size: bnjax's options; see
-        :class:`bnjax.BatchNorm`.
+        renorm_ramp_start, renorm_ramp_steps, virtual_batch_size, statistics: bnjax's
+        options; see :class:`bnjax.BatchNorm`.
 
     Example:
       >>> import jax, jax.numpy as jnp, bnjax.linen
@@ -98,6 +98,7 @@ class BatchNorm(nn.Module):
     renorm_ramp_start: int = _D["renorm_ramp_start"]
     renorm_ramp_steps: int = _D["renorm_ramp_steps"]
     virtual_batch_size: int | None = _D["virtual_batch_size"]
+    statistics: str = _D["statistics"]
 
     def __post_init__(self):
         common.check_module(self)

@@ -73,8 +73,8 @@ class BatchNorm(nnx.Module):
       rngs: an ``nnx.Rngs``; ``rngs.params()`` feeds the initializers.
       bias_metadata, scale_metadata: metadata of the ``nnx.Param`` variables.
       averaging, running_var, skip_nonfinite, checks, renorm, renorm_rmax, renorm_dmax,
-        renorm_ramp_start, renorm_ramp_steps, virtual_batch_size: bnjax's options; see
-        :class:`bnjax.BatchNorm`.
+        renorm_ramp_start, renorm_ramp_steps, virtual_batch_size, statistics: bnjax's
+        options; see :class:`bnjax.BatchNorm`.
 
     Raises:
       TypeError, ValueError: an argument is invalid; the message names it.
@@ -119,6 +119,7 @@ class BatchNorm(nnx.Module):
         renorm_ramp_start: int = _D["renorm_ramp_start"],
         renorm_ramp_steps: int = _D["renorm_ramp_steps"],
         virtual_batch_size: int | None = _D["virtual_batch_size"],
+        statistics: str = _D["statistics"],
     ):
         self.num_features = num_features
         self.use_running_average = use_running_average
@@ -143,6 +144,7 @@ class BatchNorm(nnx.Module):
         self.renorm_ramp_start = renorm_ramp_start
         self.renorm_ramp_steps = renorm_ramp_steps
         self.virtual_batch_size = virtual_batch_size
+        self.statistics = statistics
         core = common.check_module(self)
         shape = _feature_shape(num_features)
         self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))

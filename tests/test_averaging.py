@@ -139,7 +139,8 @@ def _moments_of(x):
     """Moments of a (n, c) float32 batch in keep-dims shape, from the float64 reference."""
     n, mean, var = moments(x)
     as32 = lambda a: jnp.asarray(a.reshape(1, -1), jnp.float32)  # noqa: E731
-    return Moments(count=as32(n), pivot=as32(mean), delta=jnp.zeros_like(as32(mean)), var=as32(var))
+    zeros = jnp.zeros_like(as32(mean))
+    return Moments(count=as32(n), pivot=as32(mean), delta=zeros, scaled_var=as32(var), unit=zeros + 1)
 
 
 def _fold(state, mom, **kwargs):
@@ -172,7 +173,7 @@ def test_fold_skips_unusable_batches(maybe_jit):
             _moments_of(x)._replace(count=jnp.asarray([[1.0, 4.0]], jnp.float32)),
             {"running_var": "unbiased"},
         ),  # noqa: E501
-        (_moments_of(x)._replace(var=jnp.asarray([[1.0, np.nan]], jnp.float32)), {}),
+        (_moments_of(x)._replace(scaled_var=jnp.asarray([[1.0, np.nan]], jnp.float32)), {}),
         (_moments_of(x)._replace(delta=jnp.asarray([[np.inf, 0.0]], jnp.float32)), {}),
     ]
     for mom, kwargs in bad:
@@ -180,6 +181,6 @@ def test_fold_skips_unusable_batches(maybe_jit):
         for got, want in zip(new, state, strict=True):
             np.testing.assert_array_equal(got, want)
     # Without skip_nonfinite, a NaN batch is folded in (and counted).
-    mom = _moments_of(x)._replace(var=jnp.asarray([[1.0, np.nan]], jnp.float32))
+    mom = _moments_of(x)._replace(scaled_var=jnp.asarray([[1.0, np.nan]], jnp.float32))
     new = maybe_jit(lambda s, m: _fold(s, m, skip_nonfinite=False))(state, mom)
     assert np.isnan(new.var[1]) and int(new.count) == 3

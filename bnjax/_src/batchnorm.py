@@ -15,7 +15,7 @@ from bnjax._src import checks as runtime_checks
 from bnjax._src import ghost, renorm
 from bnjax._src import validation as v
 from bnjax._src.averaging import fold
-from bnjax._src.moments import accumulation_dtype, batch_moments, expand_mask
+from bnjax._src.moments import STATISTICS, Reduction, accumulation_dtype, batch_moments, expand_mask
 from bnjax._src.normalize import Spec, affine, multiplier, train_normalize, vary_like
 from bnjax._src.recalibrate import PopulationAccumulator, accumulate
 from bnjax._src.types import BatchNormParams, BatchNormState
@@ -57,6 +57,11 @@ class BatchNorm:
       virtual_batch_size: ghost batch norm (``bnjax/_src/ghost.py``): in training, split
         axis 0 into chunks of this many rows, each normalized with its own statistics and
         folded into the running state in order. None uses the whole batch.
+      statistics: how batch statistics are computed (``bnjax/_src/moments.py``); every
+        choice is exact. ``"checked"``: plain sums checked by a conditional, exact passes
+        otherwise (fastest on XLA:CPU). ``"branchless"``: no data-dependent control flow
+        (for GPU and TPU, where a conditional waits on the host). ``"auto"``: branchless
+        everywhere but CPU, chosen when the program is lowered for its platform.
 
     Example:
       >>> import jax.numpy as jnp, bnjax
@@ -91,6 +96,7 @@ class BatchNorm:
     renorm_ramp_start: int = 0
     renorm_ramp_steps: int = 0
     virtual_batch_size: int | None = None
+    statistics: str = "auto"
 
     def __post_init__(self):
         set_ = object.__setattr__
@@ -101,6 +107,7 @@ class BatchNorm:
             v.check_bool(name, getattr(self, name))
         v.check_choice("averaging", self.averaging, v.AVERAGING)
         v.check_choice("running_var", self.running_var, v.RUNNING_VAR)
+        v.check_choice("statistics", self.statistics, STATISTICS)
         v.check_bool("renorm", self.renorm)
         v.check_number("renorm_rmax", self.renorm_rmax, low=1.0)
         v.check_number("renorm_dmax", self.renorm_dmax, low=0.0)
@@ -212,16 +219,21 @@ class BatchNorm:
             return self._inference(params, run_mean, run_var, x, keep, out_dtype), state
         if training:
             spec = Spec(
-                red_axes, float(self.epsilon), self.axis_name, self.axis_index_groups, out_dtype
+                red_axes,
+                float(self.epsilon),
+                self.axis_name,
+                self.axis_index_groups,
+                out_dtype,
+                self.statistics,
             )
             y, moments = self._train(spec, params, state, x, mask, run_mean, run_var)
         else:
             y = self._inference(params, run_mean, run_var, x, keep, out_dtype)
             moments = None
             if update_stats:
+                red = Reduction(red_axes, mask, self.axis_name, self.axis_index_groups)
                 x_stats = jax.lax.stop_gradient(x)
-                groups = self.axis_index_groups
-                moments = batch_moments(x_stats, mask, red_axes, run_mean, self.axis_name, groups)
+                moments = batch_moments(x_stats, red, statistics=self.statistics)
         if not update_stats:
             return y, state
         chunked = training and self.virtual_batch_size is not None

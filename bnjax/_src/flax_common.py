@@ -42,6 +42,7 @@ EXTRA_OPTIONS = (
     "renorm_ramp_start",
     "renorm_ramp_steps",
     "virtual_batch_size",
+    "statistics",
 )
 
 

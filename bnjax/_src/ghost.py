@@ -69,8 +69,8 @@ def ghost_normalize(virtual_batch_size, spec, x, scale, bias, mask, fb_mean, fb_
     mask_axis = None if mask is None or mask.shape[0] == 1 else 0
     chunk_mask = mask if mask_axis is None else _chunked(mask, n)
 
-    # Under vmap a lax.cond runs both branches: the chunks take the exact moments directly.
-    spec = spec._replace(fast=False)
+    # Under vmap a lax.cond runs both branches: the chunks take the branchless statistics.
+    spec = spec._replace(statistics="branchless")
 
     def one(xc, mc):
         return train_normalize(spec, xc, scale, bias, mc, fb_mean, fb_var, clip)

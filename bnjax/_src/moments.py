@@ -1,36 +1,46 @@
-"""Batch statistics: exact moments, with plain sums for well-conditioned batches.
+"""Batch statistics: exact moments without data-dependent control flow, and a checked fast path.
 
-Most batches a network sees have a mean within a few standard deviations of zero. For
-them the plain sums ``sum(x)`` and ``sum(x**2)`` lose at most a bit or two to
-cancellation, and they are the cheapest statistics there are: two independent reductions
-that XLA:CPU runs at the speed of a copy (any arithmetic inside a reduction, such as a
-shift, halves its speed). So they come first, and a ``lax.cond`` checks them: when every
-feature has ``mean**2 <= FAST_RATIO * var`` their moments are used (variance within
-2e-6 relative of float64, measured); otherwise the exact passes run.
+Two ways to the same numbers, chosen by ``BatchNorm(statistics=...)``:
 
-The exact passes sum ``x - pivot``, giving the mean's offset ``delta``, then the centred
-squares ``((x - pivot) - delta)**2``: the variance never comes from a difference of large
-numbers, so on offset data (mean 1e3, std 0.1 in float32) it is exact to float32 rounding
-on the very first batch, where the textbook ``E[x^2] - E[x]^2`` cancels to nothing. The
-pivot is the plain mean, within a few rounding units of the true one, so ``pivot +
-delta`` holds the mean to about twice float32's precision and the normalized output is
-exact too (with a mask, where no plain sums are taken, the pivot is the running mean).
-Offset data cost one extra read of ``x``, never accuracy.
+* ``"branchless"`` (:func:`exact_moments`): two passes over ``x``, each reading it once
+  for a pair of sums that XLA:GPU and XLA:TPU fuse into one kernel. The first pass sums
+  ``x - x0`` (``x0`` one counted element per feature) into a mean estimate ``pivot`` and
+  takes ``max|x - x0|``; the second sums ``u = (x - pivot) / unit`` and ``u**2``, with
+  ``unit`` a power of two of that maximum. The variance is ``sum(u**2) - sum(u)**2 / n``
+  (the corrected two-pass formula): the second term is tiny because ``pivot`` is within a
+  few rounding units of the mean, so nothing cancels on offset data, and the powers of two
+  keep every square finite up to float32's largest inputs. The mean is held as ``pivot +
+  delta``, twice float32's precision. No ``lax.cond``: the program is the same for every
+  batch, which GPUs and TPUs need (an XLA:GPU conditional copies its predicate to the host).
+* ``"checked"`` (:func:`checked_moments`): the plain sums ``sum(x)`` and ``sum(x**2)``
+  first, which XLA:CPU reduces at the speed of a copy, and a ``lax.switch`` on them: when
+  every feature has a finite variance and ``mean**2 <= FAST_RATIO * var`` they are used
+  (at most two bits lost to cancellation); otherwise the second exact pass runs around the
+  plain mean, or both exact passes if the plain sums overflowed.
 
-Across devices the sums are combined with ``psum`` before anything else: counts and sums
-add exactly, so masks or uneven shards give the statistics of one device seeing the whole
-batch, and every device takes the same branch. ``benchmarks/NOTES.md`` has the
-measurements behind these choices.
+``"auto"`` takes ``"checked"`` on CPU and ``"branchless"`` everywhere else, at lowering time
+(``lax.platform_dependent``): one jitted function exported for several platforms gets each
+its own program. Across devices the sums are combined with ``psum`` (counts and sums add
+exactly), so masks and uneven shards give the statistics of one device seeing the whole
+batch. ``benchmarks/NOTES.md`` has the measurements behind these choices.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable
+from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
 from bnjax._src.types import Moments
+
+STATISTICS = ("auto", "checked", "branchless")
+
+# The checked path's condition: every feature has ``mean**2 <= FAST_RATIO * var``.
+FAST_RATIO = 4.0
 
 
 def accumulation_dtype(*dtypes) -> jnp.dtype:
@@ -71,118 +81,205 @@ def expand_mask(mask, x_shape, feat_axes):
     return jnp.reshape(mask, full)
 
 
-def _count(shape, mask, reduce_axes, dtype):
-    """Counted elements per feature: a constant without mask, else the mask's sum."""
-    full = math.prod(shape[a] for a in reduce_axes)
-    if mask is None:
-        return jnp.asarray(full, dtype)
-    count = jnp.sum(mask, axis=reduce_axes, keepdims=True, dtype=dtype)
-    return count * math.prod(shape[a] for a in reduce_axes if mask.shape[a] == 1)
+class Reduction(NamedTuple):
+    """Where statistics are reduced: axes of ``x``, an optional mask, a named axis.
+
+    Attributes:
+      axes: the reduced axes of ``x``.
+      mask: None, or a bool mask shaped by :func:`expand_mask`; False entries are left
+        out (their values may be anything, NaN included).
+      axis_name: a named axis to combine statistics over, or None.
+      groups: groups of indices of ``axis_name``, as for ``lax.psum``.
+    """
+
+    axes: tuple[int, ...]
+    mask: Any = None
+    axis_name: Hashable | None = None
+    groups: Any = None
+
+    def sums(self, *values):
+        """Per-feature sums (keep-dims) of ``values`` over the axes, masked; local only."""
+        if self.mask is not None:
+            values = [jnp.where(self.mask, v, 0) for v in values]
+        return tuple(jnp.sum(v, axis=self.axes, keepdims=True) for v in values)
+
+    def psum(self, values):
+        """``values`` summed over ``axis_name`` (unchanged without one)."""
+        if self.axis_name is None:
+            return values
+        return lax.psum(values, self.axis_name, axis_index_groups=self.groups)
+
+    def pmax(self, values):
+        if self.axis_name is None:
+            return values
+        return lax.pmax(values, self.axis_name, axis_index_groups=self.groups)
+
+    def maximum(self, values):
+        """Per-feature maximum (keep-dims) of ``values`` >= 0 over the axes, masked; local."""
+        if self.mask is not None:
+            values = jnp.where(self.mask, values, 0)
+        return jnp.max(values, axis=self.axes, keepdims=True)
+
+    def local_count(self, x_shape, dtype):
+        """Counted elements per feature on this device: a constant without mask."""
+        full = math.prod(x_shape[a] for a in self.axes)
+        if self.mask is None:
+            return jnp.asarray(full, dtype)
+        count = jnp.sum(self.mask, axis=self.axes, keepdims=True, dtype=dtype)
+        return count * math.prod(x_shape[a] for a in self.axes if self.mask.shape[a] == 1)
 
 
-def _masked_sum(values, mask, reduce_axes):
-    if mask is not None:
-        values = jnp.where(mask, values, 0)
-    return jnp.sum(values, axis=reduce_axes, keepdims=True)
-
-
-# The fast path's condition: every feature's ``mean**2 <= FAST_RATIO * var``.
-FAST_RATIO = 4.0
-
-
-def batch_moments(
-    x, mask, reduce_axes, running_mean, axis_name=None, axis_index_groups=None, *, fast=True
-) -> Moments:
-    """Mean and biased variance of ``x`` over ``reduce_axes`` (and over ``axis_name``).
+def batch_moments(x, red: Reduction, *, statistics: str = "auto") -> Moments:
+    """Mean and biased variance of ``x`` over ``red`` (axes, mask, named axis).
 
     Args:
       x: the input, any float dtype; reduced in :func:`accumulation_dtype`.
-      mask: None, or a bool array already shaped by :func:`expand_mask`; False entries
-        are left out (their values may be anything, NaN included).
-      reduce_axes: tuple of the axes to reduce.
-      running_mean: the running mean in keep-dims shape (size 1 on reduced axes); the
-        shift of the exact passes where the plain mean is missing (masks) or not
-        finite. Identical on every device.
-      axis_name: a named axis to combine statistics over, or None.
-      axis_index_groups: groups of indices of ``axis_name``, as for ``lax.psum``.
-      fast: try the plain sums first (see the module docstring). Without a mask only:
-        a masked sum is no cheaper than a shifted one. False always runs the exact passes
-        (for callers under ``jax.vmap``, where a batched ``lax.cond`` runs both branches).
+      red: the :class:`Reduction`.
+      statistics: ``"branchless"``, ``"checked"`` or ``"auto"`` (see the module docstring).
 
     Returns:
       :class:`Moments` in keep-dims shape. Features with no counted element get count 0,
-      delta 0 and variance 0.
+      pivot and delta 0 and variance 0.
     """
-    acc = accumulation_dtype(x.dtype)
-    pivot = running_mean.astype(acc)
-    count = _count(x.shape, mask, reduce_axes, acc)
-    groups = axis_index_groups
-    if axis_name is not None:
-        count = lax.psum(count, axis_name, axis_index_groups=groups)
-    if mask is not None or not fast:
-        return _exact(x, mask, reduce_axes, pivot, count, axis_name, groups)
-    plain = _plain(x, reduce_axes, count, axis_name, groups)
-    # Offset data: shift the exact passes by the plain mean, within a few rounding units
-    # of the true one, so that ``pivot + delta`` holds the mean to twice float32's
-    # precision from the very first batch (the running mean only tracks it later on).
-    pivot = jnp.where(jnp.isfinite(plain.pivot), plain.pivot, pivot)
-    return lax.cond(
-        well_conditioned(plain),
-        lambda: plain,
-        lambda: _exact(x, None, reduce_axes, pivot, count, axis_name, groups),
+    count = red.psum(red.local_count(x.shape, accumulation_dtype(x.dtype)))
+    if statistics == "branchless":
+        return exact_moments(x, red, count)
+    if statistics == "checked":
+        return checked_moments(x, red, count)
+    return lax.platform_dependent(
+        x,
+        count,
+        cpu=lambda x, count: checked_moments(x, red, count),
+        default=lambda x, count: exact_moments(x, red, count),
     )
+
+
+def _first(a, axes):
+    """``a`` at index 0 of each reduced axis (keep-dims): one element per feature.
+
+    None where that would slice an axis sharded under explicit sharding (JAX cannot, short
+    of gathering the whole array).
+    """
+    spec = getattr(getattr(jax.typeof(a), "sharding", None), "spec", None) or ()
+    if any(i in axes and a.shape[i] > 1 and p is not None for i, p in enumerate(spec)):
+        return None
+    index = tuple(
+        slice(0, 1) if i in axes and a.shape[i] > 1 else slice(None) for i in range(a.ndim)
+    )
+    return a[index]
+
+
+def _private(x, acc):
+    """``x`` in ``acc`` behind a barrier: the conversion (and what a pass computes from it)
+    stays private to the reduction, never written to memory as a full-size temporary."""
+    return lax.optimization_barrier(x).astype(acc)
+
+
+def centre_estimate(x, red: Reduction, local, count):
+    """Pass one, one read of ``x``: ``(pivot, bound)`` per feature.
+
+    ``pivot`` is the mean to a few rounding units of ``|mean - x0|`` (``x0`` the first
+    counted element, so offset data lose nothing here), ``bound >= max|x - pivot|`` over
+    the counted elements. ``local`` and ``count`` are this device's and the total counts.
+    """
+    acc = count.dtype
+    x0 = _first(x, red.axes)
+    if x0 is None:  # no element to be had cheaply: no shift
+        x0 = jnp.zeros(count.shape, acc)
+    else:
+        x0 = x0.astype(acc)
+        usable = jnp.isfinite(x0)
+        if red.mask is not None:
+            m0 = _first(red.mask, red.axes)
+            usable = usable & (False if m0 is None else m0)
+        x0 = jnp.where(usable, x0, 0)  # a masked-out (or NaN) first element is no shift
+    inv_n = 1 / jnp.maximum(count, 1)
+    (s,) = red.sums((_private(x, acc) - x0) * inv_n)
+    far = red.maximum(jnp.abs(_private(x, acc) - x0))
+    pivot = red.psum(s + x0 * (local * inv_n))
+    return pivot, red.pmax(far + jnp.abs(x0 - pivot))
+
+
+def power_of_two(bound):
+    """A power of two near ``bound`` (1 for 0), as ``(unit, 1 / unit)``, both exact.
+
+    Values divided by it are below 4 in magnitude when ``|value| <= 2 * bound``: their
+    squares neither overflow nor lose precision. Exponents are kept within float32's
+    normal range (no flush-to-zero surprises on GPU and TPU).
+    """
+    _, e = jnp.frexp(bound)
+    e = jnp.clip(e, -126, 126)
+    one = jnp.ones_like(bound)
+    return jnp.ldexp(one, e), jnp.ldexp(one, -e)
+
+
+def centred_moments(x, red: Reduction, count, pivot, bound) -> Moments:
+    """Pass two, one read of ``x``: the sums of ``u = (x - pivot) / unit`` and ``u**2``.
+
+    The corrected two-pass formula ``m2 = sum(u**2) - sum(u)**2 / n`` loses nothing to
+    cancellation because ``pivot`` is close to the mean (``sum(u)`` is tiny).
+    """
+    acc = count.dtype
+    unit, inv_unit = power_of_two(bound)
+    u1 = (_private(x, acc) - pivot) * inv_unit
+    u2 = (_private(x, acc) - pivot) * inv_unit
+    s1, s2 = red.psum(red.sums(u1, u2 * u2))
+    inv_n = 1 / jnp.maximum(count, 1)
+    delta_u = s1 * inv_n
+    scaled_var = jnp.maximum(s2 - s1 * delta_u, 0) * inv_n
+    return Moments(count, pivot, delta_u * unit, scaled_var, unit)
+
+
+def exact_moments(x, red: Reduction, count) -> Moments:
+    """The branchless statistics: :func:`centre_estimate`, then :func:`centred_moments`."""
+    local = red.local_count(x.shape, count.dtype)
+    pivot, bound = centre_estimate(x, red, local, count)
+    return centred_moments(x, red, count, pivot, bound)
+
+
+def plain_moments(x, red: Reduction, count) -> tuple[Moments, Any]:
+    """Moments from ``sum(x)`` and ``sum(x**2)`` (returned too): two plain reductions.
+
+    Each reads ``x`` through its own barrier: shared, the float32 conversion of a bfloat16
+    ``x`` would be written to memory in full and read back.
+    """
+    acc = count.dtype
+    x1, x2 = _private(x, acc), _private(x, acc)
+    s1, s2 = red.psum(red.sums(x1, x2 * x2))
+    inv_n = 1 / jnp.maximum(count, 1)
+    mean = s1 * inv_n
+    var = s2 * inv_n - mean * mean
+    return Moments(count, mean, jnp.zeros_like(mean), var, jnp.ones_like(mean)), s2
 
 
 def well_conditioned(moments: Moments):
     """True when every feature has a finite ``var`` and ``mean**2 <= FAST_RATIO * var``.
 
     Then the plain sums are safe. A sum of squares that overflowed (``|x|`` near 1e19 in
-    float32) gives an infinite variance that the exact passes, on centred values, avoid.
+    float32) gives an infinite variance that the exact passes, on scaled values, avoid.
     """
     var = moments.var
     return jnp.all((jnp.square(moments.mean) <= FAST_RATIO * var) & jnp.isfinite(var))
 
 
-def _psum(values, axis_name, groups):
-    return values if axis_name is None else lax.psum(values, axis_name, axis_index_groups=groups)
+def checked_moments(x, red: Reduction, count) -> Moments:
+    """The checked statistics: plain sums, then a ``lax.switch`` on their conditioning.
 
-
-def _plain(x, reduce_axes, count, axis_name, groups) -> Moments:
-    """Moments from ``sum(x)`` and ``sum(x**2)``: two independent plain reductions.
-
-    Each reads ``x`` through its own barrier (the second also holds ``count``, only so that
-    CSE cannot merge the two barriers): shared, the float32 conversion of a bfloat16 ``x``
-    would be written to memory in full and read back.
+    Well conditioned: the plain moments. Otherwise, if the plain sums are finite, the
+    second exact pass around the plain mean (``2 * sqrt(sum(x**2)) >= max|x - mean|``
+    bounds it); if they overflowed, both exact passes. With a mask, both exact passes
+    directly: a masked plain sum is no cheaper than the first exact pass.
     """
-    acc = accumulation_dtype(x.dtype)
-    x1 = lax.optimization_barrier(x).astype(acc)
-    x2, _ = lax.optimization_barrier((x, count))
-    x2 = x2.astype(acc)
-    s1 = jnp.sum(x1, axis=reduce_axes, keepdims=True)
-    s2 = jnp.sum(x2 * x2, axis=reduce_axes, keepdims=True)
-    s1, s2 = _psum((s1, s2), axis_name, groups)
-    safe = jnp.maximum(count, 1)
-    mean = s1 / safe
-    return Moments(count=count, pivot=mean, delta=jnp.zeros_like(mean), var=s2 / safe - mean * mean)
-
-
-def _exact(x, mask, reduce_axes, pivot, count, axis_name, groups) -> Moments:
-    """Moments from two passes around ``pivot``: ``sum(x - pivot)``, then the centred squares.
-
-    ``pivot`` is per-feature in keep-dims shape, identical on every device.
-    """
-    acc = pivot.dtype
-    # ``x - pivot`` (and, for bfloat16, the float32 conversion of ``x``) also starts the
-    # normalizing pass; shared, XLA would write it to memory as a full-size array and read
-    # it back. Barriers (free: no copy) keep each pass's arithmetic private to its
-    # reduction, which then reads ``x`` directly.
-    xb, pb = lax.optimization_barrier((x, pivot))
-    s1 = _psum(_masked_sum(xb.astype(acc) - pb, mask, reduce_axes), axis_name, groups)
-    safe = jnp.maximum(count, 1)
-    delta = s1 / safe
-    # The second pass recomputes the difference (and the conversion) behind its own
-    # barrier: shared with the first pass, it would be materialized between the two.
-    xf = lax.optimization_barrier(x).astype(acc)
-    s2 = _masked_sum(jnp.square((xf - pivot) - delta), mask, reduce_axes)
-    s2 = _psum(s2, axis_name, groups)
-    return Moments(count=count, pivot=pivot, delta=delta, var=s2 / safe)
+    if red.mask is not None:
+        return exact_moments(x, red, count)
+    plain, s2 = plain_moments(x, red, count)
+    finite = jnp.all(jnp.isfinite(plain.mean) & jnp.isfinite(s2))
+    branch = jnp.where(well_conditioned(plain), 0, jnp.where(finite, 1, 2))
+    return lax.switch(
+        branch,
+        [
+            lambda: plain,
+            lambda: centred_moments(x, red, count, plain.mean, 2 * jnp.sqrt(s2)),
+            lambda: exact_moments(x, red, count),
+        ],
+    )

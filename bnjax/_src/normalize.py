@@ -1,8 +1,7 @@
 """The normalizing pass: one fused ``(x - shift) * a + b`` per element, and its gradient.
 
 Training-mode normalization is a ``jax.custom_vjp``: the forward pass reads ``x`` for the
-statistics (two independent plain sums, or the exact passes: ``moments.py``) and once for
-the output; the backward pass uses the closed-form batch-norm gradient (the per-feature
+statistics (``moments.py``) and once for the output; the backward pass uses the closed-form batch-norm gradient (the per-feature
 sums ``sum(g)`` and ``sum(g * xhat)``, then one elementwise pass) instead of
 differentiating through the moment sums. The gradient accounts for masks (masked-out
 outputs still depend on the batch statistics, masked-out inputs do not shape them) and for
@@ -19,7 +18,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from bnjax._src import renorm
-from bnjax._src.moments import accumulation_dtype, batch_moments, well_conditioned
+from bnjax._src.moments import Reduction, accumulation_dtype, batch_moments, well_conditioned
 
 
 class Spec(NamedTuple):
@@ -30,7 +29,11 @@ class Spec(NamedTuple):
     axis_name: object
     axis_index_groups: object
     out_dtype: object
-    fast: bool = True  # try the plain sums first (``moments.batch_moments``)
+    statistics: str = "auto"  # ``BatchNorm.statistics``: see ``moments.py``
+
+    def reduction(self, mask) -> Reduction:
+        """The :class:`moments.Reduction` of this normalization for ``mask``."""
+        return Reduction(self.reduce_axes, mask, self.axis_name, self.axis_index_groups)
 
 
 def per_feature(*vectors):
@@ -121,21 +124,33 @@ def _keep(leaf, shape):
     return None if leaf is None else jnp.reshape(leaf, shape)
 
 
+def inverse_std(mom, fallback_var, epsilon):
+    """Per-feature ``1 / sqrt(var + epsilon)``, computed in the moments' units.
+
+    ``rsqrt(scaled_var + epsilon / unit**2) / unit`` is exact wherever the variance itself
+    overflows float32. A feature with nothing counted has no batch statistics: it takes the
+    running variance ``fallback_var`` (keep-dims shape).
+    """
+    acc = mom.scaled_var.dtype
+    counted = mom.count > 0
+    var = jnp.where(counted, mom.scaled_var, fallback_var.astype(acc))
+    inv_unit = jnp.where(counted, 1 / mom.unit, 1)
+    eps = jnp.asarray(epsilon, acc) * inv_unit * inv_unit
+    return lax.rsqrt(var + eps) * inv_unit
+
+
 def _forward(spec: Spec, x, scale, bias, mask, fallback_mean, fallback_var, clip=None):
     acc = accumulation_dtype(x.dtype)
     keep = fallback_mean.shape
-    mom = batch_moments(
-        x,
-        mask,
-        spec.reduce_axes,
-        fallback_mean,
-        spec.axis_name,
-        spec.axis_index_groups,
-        fast=spec.fast,
+    mom = batch_moments(x, spec.reduction(mask), statistics=spec.statistics)
+    # A feature with nothing counted has no batch statistics: it uses the running ones.
+    counted = mom.count > 0
+    mom = mom._replace(
+        pivot=jnp.where(counted, mom.pivot, fallback_mean.astype(acc)),
+        delta=jnp.where(counted, mom.delta, 0),
     )
-    # A feature with nothing counted has no batch statistics: use the running ones.
-    var = jnp.where(mom.count > 0, mom.var, fallback_var.astype(acc))
-    inv = lax.rsqrt(var + jnp.asarray(spec.epsilon, acc))
+    inv = inverse_std(mom, fallback_var, spec.epsilon)
+    var = jnp.where(counted, mom.var, fallback_var.astype(acc))
     scale, bias, rd = _keep(scale, keep), _keep(bias, keep), None
     if clip is not None:  # batch renormalization: corrected per-feature coefficients
         rd = renorm.corrections(mom, var, fallback_mean, fallback_var, spec.epsilon, clip)
@@ -173,41 +188,50 @@ def _train_fwd(spec, x, scale, bias, mask, fallback_mean, fallback_var, clip=Non
     return (y, mom), (x, scale, bias, mask, mom, inv, rd)
 
 
-def _sum_g_centred(spec, x, g, mask, mom, g_sum):
-    """``sum(g * ((x - pivot) - delta))`` per feature: the backward's one reduction of ``x``.
+def _sum_g_xhat(spec, x, g, mask, mom, inv, g_sum):
+    """``sum(g * xhat)`` per feature, ``xhat = ((x - pivot) - delta) * inv``: the backward's
+    one reduction of ``x`` (see :func:`centred_sum` and :func:`plain_sum`)."""
+    args = (spec, x, g, mask, mom, inv, g_sum)
 
-    Where the moments are well conditioned (:func:`moments.well_conditioned`), as
-    ``sum(g * x) - mean * sum(g)``: a product inside the reduction is cheaper on XLA:CPU
-    than a product and two shifts, and with ``mean**2 <= FAST_RATIO * var`` the
-    difference loses at most a bit or two. Otherwise, or with a mask, the centred form.
-    """
+    def checked():
+        pick = well_conditioned(mom)
+        return lax.cond(pick, lambda: plain_sum(*args), lambda: centred_sum(*args))
+
+    if mask is not None or spec.statistics == "branchless":
+        return centred_sum(*args)
+    if spec.statistics == "checked":
+        return checked()
+    return lax.platform_dependent(cpu=checked, default=lambda: centred_sum(*args))
+
+
+def centred_sum(spec, x, g, mask, mom, inv, g_sum):
+    """``sum(g * xhat)`` with ``xhat`` formed per element: exact on any data, no overflow."""
+    del g_sum
     acc = accumulation_dtype(x.dtype)
-    axes = spec.reduce_axes
+    # Private copies of the inputs and shifts: sharing ``xhat`` (or, for bfloat16, the
+    # float32 conversions of ``x`` and ``g``) with ``g_sum`` and ``dx`` would make XLA:CPU
+    # write it to memory and read it back.
+    xb, gb, pivot, delta = lax.optimization_barrier((x, g, mom.pivot, mom.delta))
+    gb = gb.astype(acc)
+    gxc = gb * (((xb.astype(acc) - pivot) - delta) * inv)
+    if mask is not None:
+        # An output with a zero cotangent adds nothing, even where it is NaN: a
+        # masked-out NaN or Inf input (padding) must not turn ``0 * NaN`` into NaN
+        # gradients for all. Only masked-out inputs can be NaN under finite statistics,
+        # and the select costs a full-size temporary on XLA:CPU, so it is skipped
+        # without a mask.
+        gxc = jnp.where(gb == 0, 0, gxc)
+    return jnp.sum(gxc, axis=spec.reduce_axes, keepdims=True)
 
-    def centred():
-        # Private copies of the inputs and shifts: sharing ``xhat`` (or, for bfloat16, the
-        # float32 conversions of ``x`` and ``g``) with ``g_sum`` and ``dx`` would make XLA
-        # write it to memory and read it back.
-        xb, gb, pivot, delta = lax.optimization_barrier((x, g, mom.pivot, mom.delta))
-        gb = gb.astype(acc)
-        gxc = gb * ((xb.astype(acc) - pivot) - delta)
-        if mask is not None:
-            # An output with a zero cotangent adds nothing, even where it is NaN: a
-            # masked-out NaN or Inf input (padding) must not turn ``0 * NaN`` into NaN
-            # gradients for all. Only masked-out inputs can be NaN under finite statistics,
-            # and the select costs a full-size temporary (XLA:CPU cannot fuse it into the
-            # reduction), so it is skipped without a mask.
-            gxc = jnp.where(gb == 0, 0, gxc)
-        return jnp.sum(gxc, axis=axes, keepdims=True)
 
-    def plain():
-        xb, gb = lax.optimization_barrier((x, g))
-        gx = jnp.sum(gb.astype(acc) * xb.astype(acc), axis=axes, keepdims=True)
-        return gx - mom.mean * g_sum
-
-    if mask is not None or not spec.fast:
-        return centred()
-    return lax.cond(well_conditioned(mom), plain, centred)
+def plain_sum(spec, x, g, mask, mom, inv, g_sum):
+    """``(sum(g * x) - mean * sum(g)) * inv``: safe for well-conditioned moments, where the
+    difference loses at most a bit or two, and cheaper on XLA:CPU (no shift inside)."""
+    del mask
+    acc = accumulation_dtype(x.dtype)
+    xb, gb = lax.optimization_barrier((x, g))
+    gx = jnp.sum(gb.astype(acc) * xb.astype(acc), axis=spec.reduce_axes, keepdims=True)
+    return (gx - mom.mean * g_sum) * inv
 
 
 def _train_bwd(spec, res, cotangents):
@@ -217,7 +241,7 @@ def _train_bwd(spec, res, cotangents):
     axes = spec.reduce_axes
     g = g.astype(acc)
     g_sum = jnp.sum(lax.optimization_barrier(cotangents[0]).astype(acc), axis=axes, keepdims=True)
-    gx_sum = _sum_g_centred(spec, x, cotangents[0], mask, mom, g_sum) * inv
+    gx_sum = _sum_g_xhat(spec, x, cotangents[0], mask, mom, inv, g_sum)
     scale_sum = gx_sum if rd is None else gx_sum * rd[0] + g_sum * rd[1]
     d_scale = None if scale is None else jnp.reshape(scale_sum, scale.shape).astype(scale.dtype)
     d_bias = None if bias is None else jnp.reshape(g_sum, bias.shape).astype(bias.dtype)

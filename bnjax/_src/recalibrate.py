@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from bnjax._src import validation as v
-from bnjax._src.moments import batch_moments, expand_mask
+from bnjax._src.moments import Reduction, batch_moments, expand_mask
 from bnjax._src.types import BatchNormState
 
 
@@ -116,16 +116,9 @@ def accumulate(bn, params, acc: PopulationAccumulator, x, *, training, mask=None
     x = jax.lax.stop_gradient(jnp.asarray(x))
     feat_axes = v.feature_axes(bn.axis, x.ndim, x.shape)
     red_axes = tuple(i for i in range(x.ndim) if i not in feat_axes)
-    keep = tuple(1 if i in red_axes else d for i, d in enumerate(x.shape))
     mask = expand_mask(mask, x.shape, feat_axes)
-    moments = batch_moments(
-        x,
-        mask,
-        red_axes,
-        jnp.reshape(acc.mean, keep),
-        bn.axis_name,
-        bn.axis_index_groups,
-    )
+    red = Reduction(red_axes, mask, bn.axis_name, bn.axis_index_groups)
+    moments = batch_moments(x, red, statistics=bn.statistics)
     ddof = jnp.asarray(1.0 if bn.running_var == "unbiased" else 0.0, acc.ddof.dtype)
     return y, _merge(acc._replace(ddof=ddof), moments, bn.skip_nonfinite)
 

@@ -41,18 +41,30 @@ class Moments(NamedTuple):
     delta`` stays exact on data whose mean is large compared with its spread. The plain
     sums of a well-conditioned batch give ``pivot = mean`` and ``delta = 0``.
 
+    The variance is kept in units of ``unit**2``, ``unit`` a power of two near the spread
+    of the data: ``scaled_var`` is finite (and exact) even where the variance itself is
+    beyond float32's range (``|x|`` above about 1e19), so the batch still normalizes.
+
     Attributes:
       count: elements reduced per feature (after masking and across ``axis_name``).
       pivot: per-feature shift of the sums, identical on the devices of ``axis_name``.
       delta: mean minus pivot.
-      var: biased variance (second central moment divided by ``count``).
+      scaled_var: biased variance (second central moment divided by ``count``) divided
+        by ``unit**2``.
+      unit: per-feature power of two (1 for the plain sums).
     """
 
     count: jax.Array
     pivot: jax.Array
     delta: jax.Array
-    var: jax.Array
+    scaled_var: jax.Array
+    unit: jax.Array
 
     @property
     def mean(self) -> jax.Array:
         return self.pivot + self.delta
+
+    @property
+    def var(self) -> jax.Array:
+        """The biased variance; infinite where it exceeds the dtype's range."""
+        return self.scaled_var * self.unit * self.unit
