@@ -125,6 +125,7 @@ def test_low_precision_inputs_reduce_in_float32(maybe_jit, dtype, statistics):
     assert accumulation_dtype(jnp.float32) == jnp.float32
     x = jnp.asarray(RNG.normal(5.0, 2.0, (256, 3)), dtype)
     _, mean_ref, var_ref = moments(np.asarray(x.astype(jnp.float32)))
+
     def run(x):
         mom = batch_moments(x, Reduction((0,)), statistics=statistics)
         return mom.mean, mom.var
@@ -216,6 +217,7 @@ def test_vmap_over_centred_and_offset_batches(maybe_jit, statistics):
             RNG.normal(1e3, 0.1, (512, 3)),
         ]
     ).astype(np.float32)
+
     def run(x):
         mom = batch_moments(x, Reduction((0,)), statistics=statistics)
         return mom.mean, mom.var

@@ -144,7 +144,9 @@ class BatchNorm:
         Returns:
           ``(params, state)``: ``BatchNormParams(scale=ones, bias=zeros)`` in
           ``param_dtype`` (None where disabled), and ``BatchNormState(mean=zeros,
-          var=ones, count=0)`` with float32 (or wider) statistics.
+          var=ones, count=0)``. The statistics are kept in the widest of float32,
+          ``param_dtype`` and the example batch's dtype: a float64 example (with
+          ``jax_enable_x64``) gives float64 running statistics, as precise as training.
 
         Raises:
           TypeError: ``x_or_shape`` is neither an array nor a shape, or an initializer is
@@ -160,7 +162,7 @@ class BatchNorm:
         pd = self.param_dtype
         scale = _make(self.scale, self.scale_init, k_scale, feat, pd, jnp.ones, "scale_init")
         bias = _make(self.center, self.bias_init, k_bias, feat, pd, jnp.zeros, "bias_init")
-        sd = accumulation_dtype(pd)
+        sd = accumulation_dtype(pd, *_example_dtype(x_or_shape))
         state = BatchNormState(
             mean=jnp.zeros(feat, sd), var=jnp.ones(feat, sd), count=jnp.zeros((), jnp.int32)
         )
@@ -236,6 +238,8 @@ class BatchNorm:
                 moments = batch_moments(x_stats, red, statistics=self.statistics)
         if not update_stats:
             return y, state
+        if self.checks:
+            runtime_checks.check_update(state, moments)
         chunked = training and self.virtual_batch_size is not None
         return y, (ghost.fold_chunks if chunked else fold)(
             state,
@@ -308,6 +312,14 @@ class BatchNorm:
         scale = jnp.reshape(params.scale, keep) if self.scale else None
         bias = jnp.reshape(params.bias, keep).astype(acc) if self.center else None
         return affine(x, run_mean.astype(acc), None, multiplier(scale, inv, acc), bias, out_dtype)
+
+
+def _example_dtype(x_or_shape) -> tuple:
+    """The example batch's float dtype as JAX would hold it (float64 only with x64), or ()."""
+    dtype = getattr(x_or_shape, "dtype", None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        return ()
+    return (jax.dtypes.canonicalize_dtype(dtype),)
 
 
 def _make(enabled, init, key, shape, dtype, default, name):

@@ -55,6 +55,14 @@ BAD_RUNNING_MEAN = (
     "must be finite. Was it updated with skip_nonfinite=False on a NaN batch?"
 )
 
+UNREPRESENTABLE = (
+    "BatchNorm.apply: {bad} feature(s) of this batch have a mean or variance beyond the range "
+    "of the running statistics' dtype (a float32 variance overflows above about "
+    "3e38, for data spread beyond about 1e19). The output is normalized exactly, but the "
+    "batch is not folded into the running statistics. Scale the input down, or keep the "
+    "state in float64."
+)
+
 
 def _count(condition) -> jnp.ndarray:
     return jnp.sum(condition, dtype=jnp.int32)
@@ -97,6 +105,21 @@ def check_input(x, mask) -> None:
         bad = bad & mask
     count = _count(bad)
     checkify.check(count == 0, NONFINITE_INPUT, bad=count)
+
+
+def check_update(state, moments) -> None:
+    """Checks that a batch's statistics fit the state's dtype, so the update is not skipped.
+
+    Args:
+      state: the ``BatchNormState`` given to ``apply``.
+      moments: the batch ``Moments`` about to be folded in (any leading chunk axis).
+    """
+    dtype = jnp.result_type(state.var)
+    big = jnp.finfo(dtype).max
+    finite = jnp.isfinite(moments.mean) & jnp.isfinite(moments.scaled_var)
+    overflow = finite & ((moments.var > big) | (jnp.abs(moments.mean) > big))
+    bad = _count(overflow & (moments.count > 0))
+    checkify.check(bad == 0, UNREPRESENTABLE, bad=bad)
 
 
 def check_apply(state, x, mask, *, training: bool, update_stats: bool) -> None:

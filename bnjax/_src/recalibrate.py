@@ -30,33 +30,43 @@ from bnjax._src.types import BatchNormState
 class PopulationAccumulator(NamedTuple):
     """Exact moments of everything a layer saw, in feature shape.
 
+    The mean is held as ``pivot + delta`` (``pivot`` the first batch's shift, fixed
+    afterwards), so merging many batches of offset data rounds it once, at the end, not
+    at every batch.
+
     Attributes:
       state: the ``BatchNormState`` being recalibrated (used to normalize when
         ``training=False``, and kept for a layer that sees no data).
       count: elements seen, per feature (float).
-      mean: their mean.
-      m2: their sum of squared deviations from ``mean``.
+      pivot: the per-feature shift of the accumulated mean.
+      delta: the accumulated mean minus ``pivot``.
+      m2: the sum of squared deviations from the mean.
       batches: int32 scalar, batches merged.
       ddof: float scalar, 1 for ``running_var="unbiased"`` else 0 (set by ``apply``).
     """
 
     state: BatchNormState
     count: jax.Array
-    mean: jax.Array
+    pivot: jax.Array
+    delta: jax.Array
     m2: jax.Array
     batches: jax.Array
     ddof: jax.Array
+
+    @property
+    def mean(self) -> jax.Array:
+        """The accumulated mean, ``pivot + delta``."""
+        return self.pivot + self.delta
 
 
 def start(state: BatchNormState) -> PopulationAccumulator:
     """An empty accumulator for the layer whose running state is ``state``."""
     zeros = jnp.zeros_like(state.mean)
-    # With count 0 the first merge replaces ``mean``; starting at the running mean makes
-    # it a good shift for the moment sums.
     return PopulationAccumulator(
         state=state,
         count=zeros,
-        mean=state.mean,
+        pivot=zeros,
+        delta=zeros,
         m2=zeros,
         batches=jnp.zeros((), jnp.int32),
         ddof=jnp.zeros((), state.mean.dtype),
@@ -77,17 +87,19 @@ def finish(acc: PopulationAccumulator) -> BatchNormState:
 
 def _merge(acc: PopulationAccumulator, moments, skip_nonfinite: bool) -> PopulationAccumulator:
     """Chan's formula: ``acc`` with one batch's (count, mean, variance) merged in."""
-    shape, dtype = acc.mean.shape, acc.mean.dtype
+    shape, dtype = acc.delta.shape, acc.delta.dtype
     nb = jnp.broadcast_to(moments.count, moments.var.shape).reshape(shape).astype(dtype)
-    # Batch mean minus accumulated mean; the moments were shifted by the accumulated mean.
-    pivot_offset = moments.pivot - jnp.reshape(acc.mean, moments.pivot.shape)
-    offset = (pivot_offset + moments.delta).reshape(shape).astype(dtype)
+    batch_pivot = moments.pivot.reshape(shape).astype(dtype)
+    pivot = jnp.where(acc.count > 0, acc.pivot, batch_pivot)
+    # Batch mean minus accumulated mean, without ever forming either mean.
+    offset = ((batch_pivot - pivot) + moments.delta.reshape(shape).astype(dtype)) - acc.delta
     n = acc.count + nb
     w = nb / jnp.maximum(n, 1)
     m2b = moments.var.reshape(shape).astype(dtype) * nb
     new = acc._replace(
         count=n,
-        mean=acc.mean + offset * w,
+        pivot=pivot,
+        delta=acc.delta + offset * w,
         m2=acc.m2 + m2b + offset * offset * acc.count * w,
         batches=acc.batches + 1,
     )
