@@ -1,11 +1,11 @@
 """The normalizing pass: one fused ``(x - shift) * a + b`` per element, and its gradient.
 
 Training-mode normalization is a ``jax.custom_vjp``: the forward pass reads ``x`` for the
-statistics (``moments.py``) and once for the output; the backward pass uses the closed-form batch-norm gradient (the per-feature
-sums ``sum(g)`` and ``sum(g * xhat)``, then one elementwise pass) instead of
-differentiating through the moment sums. The gradient accounts for masks (masked-out
-outputs still depend on the batch statistics, masked-out inputs do not shape them) and for
-statistics combined across ``axis_name``.
+statistics (``moments.py``) and once for the output; the backward pass uses the
+closed-form batch-norm gradient (the per-feature sums ``sum(g)`` and ``sum(g * xhat)``,
+then one elementwise pass) instead of differentiating through the moment sums. The
+gradient accounts for masks (masked-out outputs still depend on the batch statistics,
+masked-out inputs do not shape them) and for statistics combined across ``axis_name``.
 """
 
 from __future__ import annotations
