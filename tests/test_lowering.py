@@ -183,3 +183,17 @@ def test_flax_wrappers_expose_statistics():
     )
     with pytest.raises(ValueError, match="statistics"):
         bnjax.BatchNorm(statistics="fast")
+
+
+def test_vmap_on_cpu_takes_the_branchless_path():
+    """Under ``jax.vmap`` a checked conditional would run both branches, so ``"auto"`` runs
+    the branchless statistics there, forward and backward: bit for bit the same numbers."""
+    xs = jnp.stack([X, X * 0.01 + 1e3, -X])
+
+    def run(statistics):
+        fn, (params, state, _, _) = _core(statistics=statistics)["forward_backward"]
+        return jax.jit(jax.vmap(lambda x: fn(params, state, x, None)))(xs)
+
+    auto, branchless = run("auto"), run("branchless")
+    for a, b in zip(jax.tree.leaves(auto), jax.tree.leaves(branchless), strict=True):
+        np.testing.assert_array_equal(a, b)

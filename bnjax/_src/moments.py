@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax import lax
+from jax import custom_batching, lax
 
 from bnjax._src.types import Moments
 
@@ -146,12 +146,41 @@ def batch_moments(x, red: Reduction, *, statistics: str = "auto") -> Moments:
         return exact_moments(x, red, count)
     if statistics == "checked":
         return checked_moments(x, red, count)
-    return lax.platform_dependent(
-        x,
-        count,
-        cpu=lambda x, count: checked_moments(x, red, count),
-        default=lambda x, count: exact_moments(x, red, count),
-    )
+
+    def checked(x, count, mask):
+        return checked_moments(x, red._replace(mask=mask), count)
+
+    def branchless(x, count, mask):
+        return exact_moments(x, red._replace(mask=mask), count)
+
+    cpu = checked if red.axis_name is not None else unless_vmapped(checked, branchless)
+    return lax.platform_dependent(x, count, red.mask, cpu=cpu, default=branchless)
+
+
+def unless_vmapped(fn, batched_fn):
+    """``fn``, except under ``jax.vmap``, where ``jax.vmap(batched_fn)`` runs instead.
+
+    A ``lax.cond`` whose predicate is batched runs both branches: under ``vmap`` the checked
+    statistics cost the plain sums and the exact passes, the branchless ones only the
+    latter (about half the time on XLA:CPU, measured). Not for functions that use a named
+    axis: the rule's own ``vmap`` cannot see the outer one's collectives.
+    """
+    wrapped = custom_batching.custom_vmap(fn)
+
+    @wrapped.def_vmap
+    def _rule(axis_size, in_batched, *args):
+        in_axes = tuple(jax.tree.map(lambda b: 0 if b else None, in_batched))
+        out = jax.vmap(batched_fn, in_axes=in_axes, axis_size=axis_size)(*args)
+        return out, jax.tree.map(lambda _: True, out)
+
+    # ``custom_vmap`` has no derivative of its own; forward mode (``jax.hessian`` of the
+    # closed-form gradient) differentiates ``fn`` itself.
+    @jax.custom_jvp
+    def choose(*args):
+        return wrapped(*args)
+
+    choose.defjvp(lambda primals, tangents: jax.jvp(fn, primals, tangents))
+    return choose
 
 
 def _first(a, axes):

@@ -18,7 +18,13 @@ import jax.numpy as jnp
 from jax import lax
 
 from bnjax._src import renorm
-from bnjax._src.moments import Reduction, accumulation_dtype, batch_moments, well_conditioned
+from bnjax._src.moments import (
+    Reduction,
+    accumulation_dtype,
+    batch_moments,
+    unless_vmapped,
+    well_conditioned,
+)
 
 
 class Spec(NamedTuple):
@@ -191,17 +197,22 @@ def _train_fwd(spec, x, scale, bias, mask, fallback_mean, fallback_var, clip=Non
 def _sum_g_xhat(spec, x, g, mask, mom, inv, g_sum):
     """``sum(g * xhat)`` per feature, ``xhat = ((x - pivot) - delta) * inv``: the backward's
     one reduction of ``x`` (see :func:`centred_sum` and :func:`plain_sum`)."""
-    args = (spec, x, g, mask, mom, inv, g_sum)
 
-    def checked():
+    def checked(x, g, mom, inv, g_sum):
+        args = (spec, x, g, None, mom, inv, g_sum)
         pick = well_conditioned(mom)
         return lax.cond(pick, lambda: plain_sum(*args), lambda: centred_sum(*args))
 
+    def centred(x, g, mom, inv, g_sum):
+        return centred_sum(spec, x, g, None, mom, inv, g_sum)
+
     if mask is not None or spec.statistics == "branchless":
-        return centred_sum(*args)
+        return centred_sum(spec, x, g, mask, mom, inv, g_sum)
+    args = (x, g, mom, inv, g_sum)
     if spec.statistics == "checked":
-        return checked()
-    return lax.platform_dependent(cpu=checked, default=lambda: centred_sum(*args))
+        return checked(*args)
+    cpu = checked if spec.axis_name is not None else unless_vmapped(checked, centred)
+    return lax.platform_dependent(*args, cpu=cpu, default=centred)
 
 
 def centred_sum(spec, x, g, mask, mom, inv, g_sum):
