@@ -6,7 +6,9 @@ and bias, so gradients with respect to it are the scale and bias gradients) and 
 non-array configuration, closed over when jitting. ``forward(static, params, state, x,
 training)`` returns ``(y, new_state)`` with ``y`` in the dtype of ``x``, and
 ``running_var(static, state)`` returns the running variance as a vector of features.
-Features are on the last axis. A library that does not import is left out (see :func:`available`).
+Features are on the last axis. A library that does not import is left out (see
+:func:`available`). bnjax appears three times: ``"bnjax"`` (``statistics="auto"``, what
+users get on this backend) and each statistics path forced.
 """
 
 from __future__ import annotations
@@ -36,16 +38,27 @@ class Impl(NamedTuple):
     running_var: Callable[[Any, Any], jax.Array]
 
 
-def _bnjax():
+def _bnjax(statistics="auto"):
+    """bnjax with ``statistics``; the name says which path unless it is the default."""
+
     def init(shape, dtype, momentum):
-        bn = bnjax.BatchNorm(momentum=momentum, epsilon=EPSILON)
+        bn = bnjax.BatchNorm(momentum=momentum, epsilon=EPSILON, statistics=statistics)
         params, state = bn.init(shape)
         return params, state, bn
 
     def forward(bn, params, state, x, training):
         return bn.apply(params, state, x, training=training)
 
-    return Impl("bnjax", "bnjax", init, forward, lambda bn, s: s.var)
+    name = "bnjax" if statistics == "auto" else f"bnjax {statistics}"
+    return Impl(name, "bnjax", init, forward, lambda bn, s: s.var)
+
+
+def _bnjax_checked():
+    return _bnjax("checked")
+
+
+def _bnjax_branchless():
+    return _bnjax("branchless")
 
 
 def _linen():
@@ -179,7 +192,7 @@ def roofline(ab, x):
     return (x.astype(jnp.float32) * a + b).astype(x.dtype)
 
 
-FACTORIES = (_bnjax, _linen, _nnx, _haiku, _equinox, _keras)
+FACTORIES = (_bnjax, _bnjax_checked, _bnjax_branchless, _linen, _nnx, _haiku, _equinox, _keras)
 
 
 def available(names=None) -> list[Impl]:

@@ -62,7 +62,9 @@ def _verdict(ratio, target) -> str:
 
 def peer_summary(rows) -> str:
     """bnjax against its targets: the roofline, the fastest peer per mode, the memory."""
-    names = [n for n in rows if n not in ("bnjax", "roofline") and "error" not in rows[n]]
+    names = [
+        n for n in rows if not n.startswith("bnjax") and n != "roofline" and "error" not in rows[n]
+    ]
     if "bnjax" not in rows or "error" in rows["bnjax"] or not names:
         return ""
     ours = rows["bnjax"]
@@ -82,7 +84,16 @@ def peer_summary(rows) -> str:
             f"- {mode} temporary memory: bnjax {_mib(mine)}, smallest peer "
             f"{_mib(theirs)} ({smallest}) ({'met' if mine <= theirs else 'missed'})"
         )
-    return "\n".join(out)
+    return "\n".join(out + _paths(rows))
+
+
+def _paths(rows) -> list[str]:
+    """The branchless path's time as a multiple of the checked path's, per mode."""
+    a, b = rows.get("bnjax branchless"), rows.get("bnjax checked")
+    if not a or not b or "error" in a or "error" in b:
+        return []
+    ratios = ", ".join(f"{m} {a['time'][m] / b['time'][m]:.2f}×" for m in MODES)
+    return [f"- statistics paths: branchless / checked time: {ratios}"]
 
 
 def cpu_model() -> str:
@@ -115,12 +126,13 @@ def document(results, impls, args) -> str:
         "×roofline is time / the time of `x * a + b` (per-feature affine) on the same input.",
         "- modes: inference forward; training forward (output and new state); training "
         "forward+backward (output, new state, gradients with respect to x, scale and bias "
-        "for a random cotangent).",
+        'for a random cotangent). bnjax is `statistics="auto"` (what this backend runs); '
+        "`bnjax checked` and `bnjax branchless` force each statistics path.",
         "- temp memory: `compiled.memory_analysis().temp_size_in_bytes`; compile s: lowering and "
         "compiling the three modes; variance rel. error: max over features of the relative "
         "error of the first batch's variance on float32 data of the table's shape with mean "
         "1e3 and std 0.1, against float64.",
     ]
-    for (shape, dtype), rows in results.items():
-        parts += ["", f"## {shape} {dtype}", "", case_table(rows), "", peer_summary(rows)]
+    for case, rows in results.items():
+        parts += ["", f"## {case.title()}", "", case_table(rows), "", peer_summary(rows)]
     return "\n".join(parts) + "\n"

@@ -8,10 +8,17 @@ compiled function runs ``repeats`` times, in a rotating order, so the noise of a
 machine spreads evenly over all of them. Also recorded: compile time, compiled temporary
 memory, and the relative error of the batch variance on offset data (mean 1e3, std 0.1).
 
+Each case is a shape and dtype, the data (``centred``: mean 1, std 2; ``offset``: mean 1e3,
+std 0.1 in float32, mean 64, std 1 in bfloat16, where the checked path takes its exact
+passes), a number of stacked layers (3 layers of a small batch: latency bound, many small
+kernels) and a number of ensemble members (``jax.vmap`` over that many independent
+models). bnjax runs as ``"auto"`` and with each statistics path forced.
+
 Run: ``python benchmarks/run.py [--shapes 64,32,32,64 2048,1024] [--dtypes float32]
-[--rounds 21] [--repeats 5] [--output benchmarks/RESULTS.md]``. Without ``--shapes`` and
-``--dtypes`` it measures (64, 32, 32, 64) and (2048, 1024) in float32 and (64, 32, 32, 64)
-in bfloat16.
+[--data centred offset] [--layers 1] [--members 1] [--rounds 21] [--repeats 5]
+[--output benchmarks/RESULTS.md]``. Without ``--shapes`` and ``--dtypes`` it measures
+:data:`DEFAULT_CASES`. The same command runs unchanged on a GPU or TPU machine; the
+backend is written into the report.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,33 +38,83 @@ import numpy as np  # noqa: E402
 import peers  # noqa: E402
 import report  # noqa: E402
 
+
+class Case(NamedTuple):
+    """One table: shape (features last), dtype, data, stacked layers, ensemble members."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    data: str = "centred"
+    layers: int = 1
+    members: int = 1
+
+    def title(self) -> str:
+        extra = [self.data]
+        if self.layers > 1:
+            extra.append(f"{self.layers} stacked layers")
+        if self.members > 1:
+            extra.append(f"vmap over an ensemble of {self.members}")
+        return f"{self.shape} {self.dtype}, {', '.join(extra)}"
+
+
 DEFAULT_CASES = (
-    ((64, 32, 32, 64), "float32"),
-    ((2048, 1024), "float32"),
-    ((64, 32, 32, 64), "bfloat16"),
+    Case((64, 32, 32, 64), "float32"),
+    Case((64, 32, 32, 64), "float32", "offset"),
+    Case((2048, 1024), "float32"),
+    Case((2048, 1024), "float32", "offset"),
+    Case((64, 32, 32, 64), "bfloat16"),
+    Case((64, 32, 32, 64), "bfloat16", "offset"),
+    Case((8, 8, 8, 16), "float32", layers=3),
+    Case((8, 8, 8, 16), "bfloat16", layers=3),
+    Case((32, 16, 16, 64), "float32", members=4),
 )
 MODES = ("inference", "training", "fwd+bwd")
 MOMENTUM = 0.99
+DATA = {  # (mean, std) per data kind and dtype
+    ("centred", "float32"): (1.0, 2.0),
+    ("centred", "bfloat16"): (1.0, 2.0),
+    ("offset", "float32"): (1e3, 0.1),
+    ("offset", "bfloat16"): (64.0, 1.0),
+}
 
 
-def mode_functions(impl, static):
-    """The three jittable functions of one implementation, keyed by mode."""
+def _stacked(impl, static, layers):
+    """``impl.forward`` applied ``layers`` times (shared parameters and input state)."""
+
+    def forward(params, state, x, training):
+        for _ in range(layers):
+            x, new_state = impl.forward(static, params, state, x, training)
+        return x, new_state
+
+    return forward
+
+
+def mode_functions(impl, static, layers=1, members=1):
+    """The three jittable functions of one implementation, keyed by mode.
+
+    With ``members > 1`` each is ``jax.vmap``-ed over a leading ensemble axis of every
+    argument.
+    """
+    forward = _stacked(impl, static, layers)
 
     def inference(params, state, x, ct):
-        return impl.forward(static, params, state, x, False)[0]
+        return forward(params, state, x, False)[0]
 
     def training(params, state, x, ct):
-        return impl.forward(static, params, state, x, True)
+        return forward(params, state, x, True)
 
     def fwd_bwd(params, state, x, ct):
         def f(x, params):
-            return impl.forward(static, params, state, x, True)
+            return forward(params, state, x, True)
 
         y, vjp, new_state = jax.vjp(f, x, params, has_aux=True)
         dx, dparams = vjp(ct)
         return y, new_state, dx, dparams
 
-    return {"inference": inference, "training": training, "fwd+bwd": fwd_bwd}
+    fns = {"inference": inference, "training": training, "fwd+bwd": fwd_bwd}
+    if members > 1:
+        fns = {mode: jax.vmap(fn) for mode, fn in fns.items()}
+    return fns
 
 
 def compile_case(fn, args):
@@ -109,33 +167,47 @@ def variance_error(impl, shape):
     return float(np.max(np.abs(var - truth) / truth))
 
 
-def _compile_impl(impl, shape, dtype, x, ct):
+def _ensemble(tree, members):
+    return tree if members == 1 else jax.tree.map(lambda a: jnp.stack([a] * members), tree)
+
+
+def _compile_impl(impl, case, x, ct):
     """One implementation's row (compile time, temp memory, variance error) and calls."""
-    params, state, static = impl.init(shape, dtype, MOMENTUM)
+    params, state, static = impl.init(case.shape, jnp.dtype(case.dtype), MOMENTUM)
+    params, state = _ensemble(params, case.members), _ensemble(state, case.members)
     row, calls = {"compile": 0.0, "temp": {}}, {}
-    for mode, fn in mode_functions(impl, static).items():
+    for mode, fn in mode_functions(impl, static, case.layers, case.members).items():
         args = (params, state, x, ct)
         compiled, seconds, temp = compile_case(fn, args)
         calls[(impl.name, mode)] = (compiled, args)
         row["compile"] += seconds
         row["temp"][mode] = temp
-    row["var_error"] = variance_error(impl, shape)
+    row["var_error"] = variance_error(impl, case.shape)
     return row, calls
 
 
-def measure_case(impls, shape, dtype, rounds, repeats, log=print):
-    """All measurements for one shape and dtype; returns ``{name: row}``."""
+def case_inputs(case):
+    """The input ``x`` and cotangent of one case (with the ensemble axis, if any)."""
+    shape = ((case.members,) if case.members > 1 else ()) + case.shape
+    dtype = jnp.dtype(case.dtype)
+    mean, std = DATA[(case.data, "bfloat16" if dtype == jnp.bfloat16 else "float32")]
     kx, kc = jax.random.split(jax.random.key(0))
-    x = jax.random.normal(kx, shape, jnp.float32).astype(dtype) * 2 + 1
-    ct = jax.random.normal(kc, shape, jnp.float32).astype(dtype)
+    x = (jax.random.normal(kx, shape, jnp.float32) * std + mean).astype(dtype)
+    return x, jax.random.normal(kc, shape, jnp.float32).astype(dtype)
+
+
+def measure_case(impls, case, rounds, repeats, log=print):
+    """All measurements for one :class:`Case`; returns ``{name: row}``."""
+    x, ct = case_inputs(case)
+    dtype = jnp.dtype(case.dtype)
     rows, calls = {}, {}
-    ab = peers.roofline_init(shape, dtype)
+    ab = peers.roofline_init(x.shape, dtype)
     compiled, seconds, temp = compile_case(peers.roofline, (ab, x))
     calls[("roofline", "inference")] = (compiled, (ab, x))
     rows["roofline"] = {"compile": seconds, "temp": {"inference": temp}}
     for impl in impls:
         try:
-            row, impl_calls = _compile_impl(impl, shape, dtype, x, ct)
+            row, impl_calls = _compile_impl(impl, case, x, ct)
         except Exception as e:  # a peer that cannot run this case is reported, not fatal
             log(f"  {impl.name} failed: {type(e).__name__}: {e}")
             rows[impl.name] = {"compile": 0.0, "temp": {}, "error": f"{type(e).__name__}"}
@@ -153,22 +225,26 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", help="shapes like 64,32,32,64 (features last)")
     parser.add_argument("--dtypes", nargs="+", help="dtypes like float32 bfloat16")
+    parser.add_argument("--data", nargs="+", choices=["centred", "offset"], default=["centred"])
+    parser.add_argument("--layers", type=int, default=1, help="stacked layers per call")
+    parser.add_argument("--members", type=int, default=1, help="ensemble members (vmap)")
     parser.add_argument("--rounds", type=int, default=21, help="interleaved rounds (median)")
     parser.add_argument("--repeats", type=int, default=5, help="calls per round")
     parser.add_argument("--impls", nargs="+", help="only these implementations")
     parser.add_argument("--output", default=str(Path(__file__).with_name("RESULTS.md")))
     args = parser.parse_args(argv)
-    if args.rounds < 1 or args.repeats < 1:
-        parser.error(f"--rounds and --repeats must be >= 1; got {args.rounds}, {args.repeats}")
+    for name in ("rounds", "repeats", "layers", "members"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1; got {getattr(args, name)}")
     if args.shapes is None and args.dtypes is None:
-        cases = list(DEFAULT_CASES)
-    else:
-        shapes = args.shapes or [",".join(map(str, s)) for s, _ in DEFAULT_CASES[:2]]
-        cases = [
-            (tuple(int(d) for d in s.split(",")), dt)
-            for s in shapes
-            for dt in (args.dtypes or ["float32"])
-        ]
+        return args, list(DEFAULT_CASES)
+    shapes = args.shapes or ["64,32,32,64", "2048,1024"]
+    cases = [
+        Case(tuple(int(d) for d in s.split(",")), dt, data, args.layers, args.members)
+        for s in shapes
+        for dt in (args.dtypes or ["float32"])
+        for data in args.data
+    ]
     return args, cases
 
 
@@ -178,10 +254,10 @@ def main(argv=None):
     impls = peers.available(args.impls)
     print(f"backend {jax.default_backend()}; measuring {[i.name for i in impls]}")
     results = {}
-    for shape, dtype in cases:
-        print(f"{shape} {dtype}")
-        rows = measure_case(impls, shape, jnp.dtype(dtype), args.rounds, args.repeats)
-        results[(shape, str(jnp.dtype(dtype)))] = rows
+    for case in cases:
+        print(case.title())
+        rows = measure_case(impls, case, args.rounds, args.repeats)
+        results[case] = rows
         print(report.case_table(rows))
     text = report.document(results, impls, args)
     Path(args.output).write_text(text)

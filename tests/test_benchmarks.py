@@ -210,16 +210,18 @@ def test_harness_smoke(tmp_path):
     argv = ["--shapes", "8,2,2,4", "--rounds", "1", "--repeats", "1", "--output", str(out)]
     with jax.numpy_dtype_promotion("standard"):  # the peers mix dtypes freely
         results = run.main(argv)
-    rows = results[((8, 2, 2, 4), "float32")]
+    rows = results[run.Case((8, 2, 2, 4), "float32")]
     names = [impl.name for impl in run.peers.available()]
-    assert "bnjax" in names and set(names) | {"roofline"} == set(rows)
+    assert {"bnjax", "bnjax checked", "bnjax branchless"} <= set(names)
+    assert set(names) | {"roofline"} == set(rows)
     for name in names:
         assert set(rows[name]["time"]) == {"inference", "training", "fwd+bwd"}
         assert all(t > 0 for t in rows[name]["time"].values())
         assert np.isfinite(rows[name]["var_error"])
     assert rows["bnjax"]["var_error"] < 1e-3
     text = out.read_text()
-    assert "## (8, 2, 2, 4) float32" in text and "| bnjax | " in text
+    assert "## (8, 2, 2, 4) float32, centred" in text and "| bnjax | " in text
+    assert "branchless / checked time" in text
     for name in names:
         assert f"| {name} | " in text
 
