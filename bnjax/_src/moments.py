@@ -198,10 +198,18 @@ def _first(a, axes):
     return a[index]
 
 
-def _private(x, acc):
-    """``x`` in ``acc`` behind a barrier: the conversion (and what a pass computes from it)
-    stays private to the reduction, never written to memory as a full-size temporary."""
-    return lax.optimization_barrier(x).astype(acc)
+def _private(x, acc, *per_feature):
+    """``x`` in ``acc`` and ``per_feature`` values, all behind one barrier, for one reduction.
+
+    The conversion and the arithmetic a reduction does on the way (``x - pivot``) stay
+    private to it: shared with another reduction (by common-subexpression elimination, of
+    the conversion or of a broadcast per-feature value), XLA:CPU would write them to memory
+    as full-size temporaries. Each reduction of a pass passes a different set of values,
+    so that its barrier is not merged with another's. (XLA removes the barriers before
+    fusion: on GPU and TPU the reductions of one pass still fuse into one read of ``x``.)
+    """
+    private = lax.optimization_barrier((x, *per_feature))
+    return (private[0].astype(acc), *private[1:])
 
 
 def centre_estimate(x, red: Reduction, local, count):
@@ -223,8 +231,10 @@ def centre_estimate(x, red: Reduction, local, count):
             usable = usable & (False if m0 is None else m0)
         x0 = jnp.where(usable, x0, 0)  # a masked-out (or NaN) first element is no shift
     inv_n = 1 / jnp.maximum(count, 1)
-    (s,) = red.sums((_private(x, acc) - x0) * inv_n)
-    far = red.maximum(jnp.abs(_private(x, acc) - x0))
+    xs, x0s, inv_ns = _private(x, acc, x0, inv_n)
+    (s,) = red.sums((xs - x0s) * inv_ns)
+    xm, x0m = _private(x, acc, x0)
+    far = red.maximum(jnp.abs(xm - x0m))
     pivot = red.psum(s + x0 * (local * inv_n))
     return pivot, red.pmax(far + jnp.abs(x0 - pivot))
 
@@ -250,8 +260,10 @@ def centred_moments(x, red: Reduction, count, pivot, bound) -> Moments:
     """
     acc = count.dtype
     unit, inv_unit = power_of_two(bound)
-    u1 = (_private(x, acc) - pivot) * inv_unit
-    u2 = (_private(x, acc) - pivot) * inv_unit
+    x1, p1, i1 = _private(x, acc, pivot, inv_unit)
+    (x2,) = _private(x, acc)
+    u1 = (x1 - p1) * i1
+    u2 = (x2 - pivot) * inv_unit
     s1, s2 = red.psum(red.sums(u1, u2 * u2))
     inv_n = 1 / jnp.maximum(count, 1)
     delta_u = s1 * inv_n
@@ -273,7 +285,7 @@ def plain_moments(x, red: Reduction, count) -> tuple[Moments, Any]:
     ``x`` would be written to memory in full and read back.
     """
     acc = count.dtype
-    x1, x2 = _private(x, acc), _private(x, acc)
+    (x1,), (x2, _) = _private(x, acc), _private(x, acc, count)
     s1, s2 = red.psum(red.sums(x1, x2 * x2))
     inv_n = 1 / jnp.maximum(count, 1)
     mean = s1 * inv_n
