@@ -23,8 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import bnjax
-from bnjax._src.moments import Reduction, batch_moments
+from bnjax._src.moments import batch_moments
 from bnjax._src.normalize import affine, inverse_std, multiplier
+from bnjax._src.reduction import Reduction
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from run import interleaved_medians  # noqa: E402

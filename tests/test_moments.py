@@ -4,16 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from reference import full_mask, moments
+from reference import moments
 
 from bnjax._src import moments as moments_module
-from bnjax._src.moments import (
-    FAST_RATIO,
-    Reduction,
-    accumulation_dtype,
-    batch_moments,
-    expand_mask,
-)
+from bnjax._src.moments import FAST_RATIO, accumulation_dtype, batch_moments
+from bnjax._src.reduction import Reduction, expand_mask
 
 RNG = np.random.default_rng(0)
 
@@ -135,21 +130,6 @@ def test_low_precision_inputs_reduce_in_float32(maybe_jit, dtype, statistics):
     # Exact inputs (the low-precision values themselves), float32 sums: float32 accuracy.
     np.testing.assert_allclose(np.ravel(mean), mean_ref, rtol=1e-6)
     np.testing.assert_allclose(np.ravel(var), var_ref, rtol=1e-5)
-
-
-def test_expand_mask_shapes():
-    shape, feat = (4, 5, 3), (2,)
-    assert expand_mask(None, shape, feat) is None
-    assert expand_mask(jnp.ones((4, 5), bool), shape, feat).shape == (4, 5, 1)
-    assert expand_mask(jnp.ones((5,), bool), shape, feat).shape == (1, 5, 1)
-    assert expand_mask(jnp.ones((4, 1), bool), shape, feat).shape == (4, 1, 1)
-    assert expand_mask(jnp.ones((4, 5, 3), bool), shape, feat).shape == (4, 5, 3)
-    assert expand_mask(jnp.ones((4, 5), bool), (2, 3, 4, 5), (1,)).shape == (1, 1, 4, 5)
-    mask = RNG.random((2, 4, 5)) < 0.5
-    got = expand_mask(jnp.asarray(mask), (2, 3, 4, 5), (1,))
-    np.testing.assert_array_equal(
-        np.broadcast_to(got, (2, 3, 4, 5)), full_mask(mask, (2, 3, 4, 5), 1)
-    )
 
 
 def _branch(maybe_jit, x, reduce_axes=(0,)):

@@ -15,9 +15,10 @@ from bnjax._src import checks as runtime_checks
 from bnjax._src import ghost, renorm
 from bnjax._src import validation as v
 from bnjax._src.averaging import fold
-from bnjax._src.moments import STATISTICS, Reduction, accumulation_dtype, batch_moments, expand_mask
+from bnjax._src.moments import STATISTICS, accumulation_dtype, batch_moments
 from bnjax._src.normalize import Spec, affine, multiplier, train_normalize, vary_like
 from bnjax._src.recalibrate import PopulationAccumulator, accumulate
+from bnjax._src.reduction import Reduction, expand_mask
 from bnjax._src.types import BatchNormParams, BatchNormState
 
 

@@ -19,12 +19,12 @@ from jax import lax
 
 from bnjax._src import renorm
 from bnjax._src.moments import (
-    Reduction,
     accumulation_dtype,
     batch_moments,
     unless_vmapped,
     well_conditioned,
 )
+from bnjax._src.reduction import Reduction
 
 
 class Spec(NamedTuple):
@@ -194,20 +194,21 @@ def _train_fwd(spec, x, scale, bias, mask, fallback_mean, fallback_var, clip=Non
     return (y, mom), (x, scale, bias, mask, mom, inv, rd)
 
 
-def _sum_g_xhat(spec, x, g, mask, mom, inv, g_sum):
+def _sum_g_xhat(spec, x, g, mask, *, mom, inv, g_sum):
     """``sum(g * xhat)`` per feature, ``xhat = ((x - pivot) - delta) * inv``: the backward's
-    one reduction of ``x`` (see :func:`centred_sum` and :func:`plain_sum`)."""
+    one reduction of ``x`` (see :func:`centred_sum` and :func:`plain_sum`); ``g_sum`` is
+    ``sum(g)``, which the plain form needs."""
 
     def checked(x, g, mom, inv, g_sum):
-        args = (spec, x, g, None, mom, inv, g_sum)
         pick = well_conditioned(mom)
-        return lax.cond(pick, lambda: plain_sum(*args), lambda: centred_sum(*args))
+        plain = lambda: plain_sum(spec, x, g, mom, inv, g_sum)  # noqa: E731
+        return lax.cond(pick, plain, lambda: centred_sum(spec, x, g, None, mom, inv))
 
     def centred(x, g, mom, inv, g_sum):
-        return centred_sum(spec, x, g, None, mom, inv, g_sum)
+        return centred_sum(spec, x, g, None, mom, inv)
 
     if mask is not None or spec.statistics == "branchless":
-        return centred_sum(spec, x, g, mask, mom, inv, g_sum)
+        return centred_sum(spec, x, g, mask, mom, inv)
     args = (x, g, mom, inv, g_sum)
     if spec.statistics == "checked":
         return checked(*args)
@@ -215,9 +216,8 @@ def _sum_g_xhat(spec, x, g, mask, mom, inv, g_sum):
     return lax.platform_dependent(*args, cpu=cpu, default=centred)
 
 
-def centred_sum(spec, x, g, mask, mom, inv, g_sum):
+def centred_sum(spec, x, g, mask, mom, inv):
     """``sum(g * xhat)`` with ``xhat`` formed per element: exact on any data, no overflow."""
-    del g_sum
     acc = accumulation_dtype(x.dtype)
     # Private copies of the inputs and shifts: sharing ``xhat`` (or, for bfloat16, the
     # float32 conversions of ``x`` and ``g``) with ``g_sum`` and ``dx`` would make XLA:CPU
@@ -235,10 +235,9 @@ def centred_sum(spec, x, g, mask, mom, inv, g_sum):
     return jnp.sum(gxc, axis=spec.reduce_axes, keepdims=True)
 
 
-def plain_sum(spec, x, g, mask, mom, inv, g_sum):
+def plain_sum(spec, x, g, mom, inv, g_sum):
     """``(sum(g * x) - mean * sum(g)) * inv``: safe for well-conditioned moments, where the
     difference loses at most a bit or two, and cheaper on XLA:CPU (no shift inside)."""
-    del mask
     acc = accumulation_dtype(x.dtype)
     xb, gb = lax.optimization_barrier((x, g))
     gx = jnp.sum(gb.astype(acc) * xb.astype(acc), axis=spec.reduce_axes, keepdims=True)
@@ -252,7 +251,7 @@ def _train_bwd(spec, res, cotangents):
     axes = spec.reduce_axes
     g = g.astype(acc)
     g_sum = jnp.sum(lax.optimization_barrier(cotangents[0]).astype(acc), axis=axes, keepdims=True)
-    gx_sum = _sum_g_xhat(spec, x, cotangents[0], mask, mom, inv, g_sum)
+    gx_sum = _sum_g_xhat(spec, x, cotangents[0], mask, mom=mom, inv=inv, g_sum=g_sum)
     scale_sum = gx_sum if rd is None else gx_sum * rd[0] + g_sum * rd[1]
     d_scale = None if scale is None else jnp.reshape(scale_sum, scale.shape).astype(scale.dtype)
     d_bias = None if bias is None else jnp.reshape(g_sum, bias.shape).astype(bias.dtype)

@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 
 from bnjax._src import validation as v
-from bnjax._src.moments import Reduction, batch_moments, expand_mask
+from bnjax._src.moments import batch_moments
+from bnjax._src.reduction import Reduction, expand_mask
 from bnjax._src.types import BatchNormState
 
 

@@ -1,0 +1,39 @@
+"""Masks and reductions (``bnjax._src.reduction``) against numpy."""
+
+import jax.numpy as jnp
+import numpy as np
+from reference import full_mask
+
+from bnjax._src.reduction import Reduction, expand_mask
+
+RNG = np.random.default_rng(3)
+
+
+def test_expand_mask_shapes():
+    shape, feat = (4, 5, 3), (2,)
+    assert expand_mask(None, shape, feat) is None
+    assert expand_mask(jnp.ones((4, 5), bool), shape, feat).shape == (4, 5, 1)
+    assert expand_mask(jnp.ones((5,), bool), shape, feat).shape == (1, 5, 1)
+    assert expand_mask(jnp.ones((4, 1), bool), shape, feat).shape == (4, 1, 1)
+    assert expand_mask(jnp.ones((4, 5, 3), bool), shape, feat).shape == (4, 5, 3)
+    assert expand_mask(jnp.ones((4, 5), bool), (2, 3, 4, 5), (1,)).shape == (1, 1, 4, 5)
+    mask = RNG.random((2, 4, 5)) < 0.5
+    got = expand_mask(jnp.asarray(mask), (2, 3, 4, 5), (1,))
+    np.testing.assert_array_equal(
+        np.broadcast_to(got, (2, 3, 4, 5)), full_mask(mask, (2, 3, 4, 5), 1)
+    )
+
+
+def test_reduction_counts_sums_and_maxima_match_numpy():
+    x = RNG.normal(0.0, 1.0, (4, 5, 3)).astype(np.float32)
+    mask = RNG.random((4, 5)) < 0.6
+    red = Reduction((0, 1), expand_mask(jnp.asarray(mask), x.shape, (2,)))
+    full = full_mask(mask, x.shape, 2)
+    count = red.local_count(x.shape, jnp.float32)
+    # A mask without a feature axis counts the same for every feature (kept size 1).
+    np.testing.assert_array_equal(np.broadcast_to(count, (1, 1, 3)).ravel(), full.sum((0, 1)))
+    (s,) = red.sums(jnp.asarray(x))
+    np.testing.assert_allclose(np.ravel(s), np.where(full, x, 0).sum((0, 1)), rtol=1e-6)
+    m = red.maximum(jnp.abs(jnp.asarray(x)))
+    np.testing.assert_array_equal(np.ravel(m), np.where(full, np.abs(x), 0).max((0, 1)))
+    assert Reduction((0,)).local_count((6, 2), jnp.float32) == 6
