@@ -64,6 +64,8 @@ def batch_moments(x, red: Reduction, *, statistics: str = "auto") -> Moments:
       pivot and delta 0 and variance 0.
     """
     count = red.psum(red.local_count(x.shape, accumulation_dtype(x.dtype)))
+    if statistics == "auto":
+        statistics = eager_choice((x, red.mask))
     if statistics == "branchless":
         return exact_moments(x, red, count)
     if statistics == "checked":
@@ -77,6 +79,27 @@ def batch_moments(x, red: Reduction, *, statistics: str = "auto") -> Moments:
 
     cpu = checked if red.axis_name is not None else unless_vmapped(checked, branchless)
     return lax.platform_dependent(x, count, red.mask, cpu=cpu, default=branchless)
+
+
+def eager_choice(arrays) -> str:
+    """``"checked"`` or ``"branchless"`` for concrete ``arrays`` on one platform, else
+    ``"auto"`` (traced: decided when lowered).
+
+    Run op by op (no ``jax.jit``), the platform is known from the arrays' devices, and a
+    conditional would be compiled anew at every call.
+    """
+    leaves = jax.tree.leaves(arrays)
+    if any(isinstance(a, jax.core.Tracer) or not hasattr(a, "devices") for a in leaves):
+        return "auto"
+    platforms = {d.platform for a in leaves for d in a.devices()}
+    if len(platforms) != 1:
+        return "auto"
+    return "checked" if platforms == {"cpu"} else "branchless"
+
+
+def is_concrete(*arrays) -> bool:
+    """True when no leaf of ``arrays`` is a tracer: the values can be read in Python."""
+    return not any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(arrays))
 
 
 def unless_vmapped(fn, batched_fn):
@@ -238,11 +261,11 @@ def checked_moments(x, red: Reduction, count) -> Moments:
     plain, s2 = plain_moments(x, red, count)
     finite = jnp.all(jnp.isfinite(plain.mean) & jnp.isfinite(s2))
     branch = jnp.where(well_conditioned(plain), 0, jnp.where(finite, 1, 2))
-    return lax.switch(
-        branch,
-        [
-            lambda: plain,
-            lambda: centred_moments(x, red, count, plain.mean, 2 * jnp.sqrt(s2)),
-            lambda: exact_moments(x, red, count),
-        ],
-    )
+    branches = [
+        lambda: plain,
+        lambda: centred_moments(x, red, count, plain.mean, 2 * jnp.sqrt(s2)),
+        lambda: exact_moments(x, red, count),
+    ]
+    if is_concrete(branch):  # run op by op: no conditional to compile at every call
+        return branches[int(branch)]()
+    return lax.switch(branch, branches)

@@ -21,6 +21,8 @@ from bnjax._src import renorm
 from bnjax._src.moments import (
     accumulation_dtype,
     batch_moments,
+    eager_choice,
+    is_concrete,
     unless_vmapped,
     well_conditioned,
 )
@@ -202,15 +204,21 @@ def _sum_g_xhat(spec, x, g, mask, *, mom, inv, g_sum):
     def checked(x, g, mom, inv, g_sum):
         pick = well_conditioned(mom)
         plain = lambda: plain_sum(spec, x, g, mom, inv, g_sum)  # noqa: E731
-        return lax.cond(pick, plain, lambda: centred_sum(spec, x, g, None, mom, inv))
+        centred = lambda: centred_sum(spec, x, g, None, mom, inv)  # noqa: E731
+        if is_concrete(pick):  # run op by op: no conditional to compile at every call
+            return plain() if pick else centred()
+        return lax.cond(pick, plain, centred)
 
     def centred(x, g, mom, inv, g_sum):
         return centred_sum(spec, x, g, None, mom, inv)
 
-    if mask is not None or spec.statistics == "branchless":
+    statistics = spec.statistics
+    if statistics == "auto":
+        statistics = eager_choice((x, g, mask))
+    if mask is not None or statistics == "branchless":
         return centred_sum(spec, x, g, mask, mom, inv)
     args = (x, g, mom, inv, g_sum)
-    if spec.statistics == "checked":
+    if statistics == "checked":
         return checked(*args)
     cpu = checked if spec.axis_name is not None else unless_vmapped(checked, centred)
     return lax.platform_dependent(*args, cpu=cpu, default=centred)
