@@ -242,3 +242,33 @@ def test_sharded_state_restores_onto_the_shardings_of_like(tmp_path):
     assert_identical(restored, tree)
     for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(tree), strict=True):
         assert got.sharding.is_equivalent_to(want.sharding, got.ndim)
+
+
+def test_save_fsyncs_every_file_and_directory(tmp_path, monkeypatch):
+    """A checkpoint is durable before it is published: every file written and the
+    directories holding them go through ``os.fsync``."""
+    synced = []
+    real_fsync = os.fsync
+
+    def counting_fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}") if os.path.exists("/proc") else fd)
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", counting_fsync)
+    version = save(tmp_path / "ckpt", make_state())
+    files = [p for p in version.rglob("*") if p.is_file()]
+    assert files, "the checkpoint wrote no file"
+    if os.path.exists("/proc"):
+        names = {Path(s).name for s in synced}
+        missing = [p.relative_to(version) for p in files if p.name not in names]
+        assert not missing, f"not fsynced: {missing}"
+        assert str(tmp_path / "ckpt") in synced  # the rename into place, too
+    else:  # pragma: no cover - no /proc to name the descriptors
+        assert len(synced) >= len(files) + 1
+
+
+def test_default_keep_is_two(tmp_path):
+    path = tmp_path / "ckpt"
+    for seed in range(3):
+        save(path, make_state(seed))  # keep not given
+    assert sorted(p.name for p in path.iterdir()) == ["000002", "000003"]

@@ -211,3 +211,71 @@ def test_axis_index_groups_give_per_group_statistics():
         for d in groups[k]:  # momentum 0: the state is this group's batch statistics
             _assert_close(new.mean[d], mean)
             _assert_close(new.var[d], var)
+
+
+def _unmasked_data(kind):
+    """``(x, g)`` of shape (32, 3): centred, offset, or devices that would choose apart."""
+    rng = np.random.default_rng([7, len(kind)])
+    z = rng.standard_normal((DEVICES * PER_DEVICE, 3))
+    if kind == "offset":
+        x = 1e3 + 0.1 * z
+    elif kind == "mixed":
+        # Devices 0-3 hold N(0, 1) (well conditioned alone), devices 4-7 N(6, 1) (mean**2 >
+        # 4 var alone); together mean 3, var 10: every device must take the global choice.
+        x = z + np.repeat([0.0, 6.0], DEVICES * PER_DEVICE // 2)[:, None]
+    else:
+        x = 2.0 + 3.0 * z
+    return x.astype(np.float32), rng.standard_normal(x.shape).astype(np.float32)
+
+
+def _unmasked_run(transform, bn, params, state, x, g, mesh):
+    """``(y, new_state, dx)`` of one training call of ``bn`` (axis_name "d") under
+    ``transform``, with ``dx`` the gradient of ``sum(g * y)``; x split 8 ways."""
+
+    def body(x, g):
+        def loss(x):
+            y, new = bn.apply(params, state, x, training=True)
+            return jnp.sum(g * y), (y, new)
+
+        (_, (y, new)), dx = jax.value_and_grad(loss, has_aux=True)(x)
+        return y, new, dx
+
+    if transform == "shard_map":
+        run = jax.shard_map(
+            body, mesh=mesh, in_specs=(P("d"), P("d")), out_specs=(P("d"), P(), P("d"))
+        )
+        return jax.jit(run)(_put(mesh, x, P("d")), _put(mesh, g, P("d")))
+    split = lambda a: jnp.asarray(a).reshape(DEVICES, PER_DEVICE, -1)  # noqa: E731
+    mapped = (
+        jax.pmap(body, axis_name="d")
+        if transform == "pmap"
+        else jax.jit(jax.vmap(body, axis_name="d"))
+    )
+    y, new, dx = mapped(split(x), split(g))
+    return y.reshape(x.shape), jax.tree.map(lambda a: a[0], new), dx.reshape(x.shape)
+
+
+@pytest.mark.parametrize("statistics", ["auto", "branchless"])
+@pytest.mark.parametrize("kind", ["centred", "offset", "mixed"])
+@pytest.mark.parametrize("transform", ["shard_map", "pmap", "vmap"])
+def test_unmasked_axis_name_equals_one_device(mesh, transform, kind, statistics):
+    """No mask (the path a per-device average of moments would break): exact against
+    float64 and equal to one device seeing the whole batch."""
+    x, g = _unmasked_data(kind)
+    bn = bnjax.BatchNorm(epsilon=EPS, axis_name="d", momentum=0.0, statistics=statistics)
+    params, state = bn.init(x)
+    y, new, dx = _unmasked_run(transform, bn, params, state, x, g, mesh)
+    mask = np.ones(len(x), bool)
+    scale = np.std(x.astype(np.float64), 0)  # compare in units of the spread
+    want_y = train_forward(x, EPS)
+    np.testing.assert_allclose(np.asarray(y, np.float64), want_y, atol=2e-5)
+    mean, var = running_stats([x], momentum=0.0, averaging="ema", running_var="biased")
+    np.testing.assert_allclose(new.var, var, rtol=1e-5)
+    err = np.abs(np.asarray(new.mean, np.float64) - mean)
+    assert np.all(err <= 6e-8 * np.abs(mean) + 1e-6 * scale), err  # float32's rounding
+    want_dx = _textbook_grads(x, g, mask)[0]
+    np.testing.assert_allclose(np.asarray(dx) * scale, want_dx * scale, atol=2e-5)
+    one = dataclasses.replace(bn, axis_name=None)
+    y1, new1 = jax.jit(lambda p, s, x: one.apply(p, s, x, training=True))(params, state, x)
+    np.testing.assert_allclose(y, y1, atol=2e-5)
+    np.testing.assert_allclose(new.var, new1.var, rtol=1e-5)

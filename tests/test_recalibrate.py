@@ -155,3 +155,24 @@ def test_population_statistics_property(sizes):
     np.testing.assert_allclose(new.mean, data.mean(0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(new.var, data.var(0), rtol=1e-4, atol=1e-6)
     assert int(new.count) == len(sizes)
+
+
+def test_batch_leaving_a_feature_empty_is_left_out():
+    """A batch in which some feature counts no element is not merged (training leaves it
+    out of the running average too): the statistics are those of the other batches."""
+    bn = bnjax.BatchNorm()
+    batches = _batches(5, (16, 16, 16))
+    masks = [np.ones((16, 3), bool) for _ in batches]
+    masks[1][:, 2] = False  # feature 2 sees nothing in batch 1
+
+    def apply(params, state, xm, *, training):
+        x, m = xm
+        return bn.apply(params, state, x, training=training, mask=m)
+
+    params, state = bn.init(batches[0])
+    data = [(jnp.asarray(x), jnp.asarray(m)) for x, m in zip(batches, masks, strict=True)]
+    new = bnjax.recalibrate(apply, params, state, data)
+    kept = np.concatenate([batches[0], batches[2]]).astype(np.float64)
+    np.testing.assert_allclose(new.mean, kept.mean(0), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(new.var, kept.var(0), rtol=1e-5)
+    assert int(new.count) == 2
