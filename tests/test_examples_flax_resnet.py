@@ -25,10 +25,13 @@ def test_flax_resnet_trains_and_evaluates_with_running_statistics(capsys):
     config = ROOT / "configs" / "flax_resnet_tiny.toml"
     # The example runs under JAX's default (standard) promotion, as optax's Adam needs.
     with jax.numpy_dtype_promotion("standard"):
-        result = example.main(["--config", str(config), "steps=2"])
-    assert len(result["losses"]) == 2
+        result = example.main(["--config", str(config)])
+    assert len(result["losses"]) == 100
     assert np.all(np.isfinite(result["losses"]))
-    assert 0.0 <= result["test_accuracy"] <= 1.0
+    assert result["losses"][-1] < 0.5 * result["losses"][0]
+    # Measured 0.764 with this config; chance is 0.1. Evaluated with running statistics,
+    # so statistics that were never updated (or not threaded) would fail this.
+    assert result["test_accuracy"] >= 0.6
     stats = result["variables"]["batch_stats"]
     # Flax's variable layout: only mean and var, and training moved them off their init.
     leaves = jax.tree_util.tree_leaves_with_path(stats)

@@ -297,3 +297,32 @@ def test_flax_nnx_module():
     np.testing.assert_array_equal(params.scale, layer.scale.get_value())
     y, _ = presets.flax(momentum=0.5).apply(params, state, x, training=False)
     np.testing.assert_allclose(y, layer(x, use_running_average=True), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("momentum", [0.3, None])
+def test_torch_state_trains_with_torch_momentum(momentum):
+    """A PyTorch state dict, then one training step with ``presets.torch(momentum)``: the
+    running statistics follow PyTorch's documented rule, ``(1 - m) * old + m * batch``
+    with the unbiased batch variance (``m = 1 / (t + 1)`` for ``momentum=None``)."""
+    rng = np.random.default_rng(9)
+    c, t = 4, 5
+    sd = {
+        "weight": rng.normal(1.0, 0.1, c).astype(np.float32),
+        "bias": rng.normal(0.0, 0.1, c).astype(np.float32),
+        "running_mean": rng.normal(0.0, 1.0, c).astype(np.float32),
+        "running_var": rng.uniform(0.5, 2.0, c).astype(np.float32),
+        "num_batches_tracked": np.int64(t),
+    }
+    params, state = interop.from_torch(sd)
+    x = rng.normal(2.0, 3.0, (16, c)).astype(np.float32)
+    bn = presets.torch(momentum=momentum)
+    y, new = jax.jit(lambda p, s, x: bn.apply(p, s, x, training=True))(params, state, x)
+    m = 1.0 / (t + 1) if momentum is None else momentum
+    x64 = x.astype(np.float64)
+    want_mean = (1 - m) * sd["running_mean"] + m * x64.mean(0)
+    want_var = (1 - m) * sd["running_var"] + m * x64.var(0, ddof=1)
+    np.testing.assert_allclose(new.mean, want_mean, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(new.var, want_var, rtol=1e-6)
+    assert int(new.count) == t + 1
+    xhat = (x64 - x64.mean(0)) / np.sqrt(x64.var(0) + 1e-5)
+    np.testing.assert_allclose(y, xhat * sd["weight"] + sd["bias"], atol=1e-5)
