@@ -121,12 +121,13 @@ def test_mask_with_a_far_running_mean_matches_no_mask(statistics, jit):
     np.testing.assert_allclose(s1.var, moments(x)[2], rtol=1e-5)
 
 
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 @pytest.mark.parametrize("offset", [0.0, 300.0])
-def test_bfloat16_input_with_offset(statistics, offset):
+def test_bfloat16_input_with_offset(statistics, offset, jit):
     x = (offset + RNG.standard_normal((512, 4))).astype(jnp.bfloat16)
     exact = np.asarray(x.astype(jnp.float32), np.float64)  # the values as given
     bn = bnjax.BatchNorm(momentum=0.0, epsilon=0.0, statistics=statistics)
-    y, state = _train(bn, x, None, True)
+    y, state = _train(bn, x, None, jit)
     assert y.dtype == jnp.bfloat16 and state.var.dtype == jnp.float32
     np.testing.assert_allclose(state.var, exact.var(0), rtol=1e-5)
     want = train_forward(exact, 0.0)
@@ -135,8 +136,9 @@ def test_bfloat16_input_with_offset(statistics, offset):
     np.testing.assert_allclose(np.asarray(y, np.float64), want, rtol=2**-8, atol=1e-3)
 
 
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 @pytest.mark.parametrize("name", ["offset_1e3", "outlier_first_row", "masked_offset", "huge"])
-def test_gradients_match_float64(name, statistics):
+def test_gradients_match_float64(name, statistics, jit):
     x64, axis, mask = _case(name)
     x = x64.astype(np.float32)
     g = RNG.standard_normal(x.shape).astype(np.float32)
@@ -150,7 +152,8 @@ def test_gradients_match_float64(name, statistics):
         y, _ = bn.apply(params, state, x, training=True, mask=m)
         return jnp.sum(y * g)
 
-    dx, dp = jax.jit(jax.grad(loss, argnums=(0, 1)))(jnp.asarray(x), params)
+    grad = jax.grad(loss, argnums=(0, 1))
+    dx, dp = (jax.jit(grad) if jit else grad)(jnp.asarray(x), params)
     # float64 textbook gradients through the normalized values.
     xd = x.astype(np.float64)
     n = counted.sum(0)
@@ -170,7 +173,8 @@ def test_gradients_match_float64(name, statistics):
     np.testing.assert_allclose(dp.bias, gd.sum(0), rtol=1e-5, atol=1e-4)
 
 
-def test_unrepresentable_statistics_are_reported_by_checks(statistics):
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_unrepresentable_statistics_are_reported_by_checks(statistics, jit):
     """The batch normalizes, the update is skipped, and ``checks=True`` says so."""
     x = _case("huge")[0].astype(np.float32)
     bn = bnjax.BatchNorm(checks=True, statistics=statistics)
@@ -179,9 +183,8 @@ def test_unrepresentable_statistics_are_reported_by_checks(statistics):
     def run(params, state, x):
         return bn.apply(params, state, x, training=True)
 
-    err, (y, new) = jax.jit(checkify.checkify(run, errors=checkify.user_checks))(
-        params, state, jnp.asarray(x)
-    )
+    checked = checkify.checkify(run, errors=checkify.user_checks)
+    err, (y, new) = (jax.jit(checked) if jit else checked)(params, state, jnp.asarray(x))
     assert np.all(np.isfinite(np.asarray(y)))
     assert int(new.count) == 0
     assert "beyond the range of the running statistics' dtype" in str(err.get())
