@@ -158,9 +158,10 @@ def test_offset_data_stays_exact(maybe_jit):
     axes = (0, 1, 2)
     x64 = np.asarray(x, np.float64)
     mean, var = _stats(x64, axes)
-    np.testing.assert_allclose(np.asarray(new.var), var.ravel(), rtol=1e-3)
+    # README: variance within 1e-5 relative and output within 1e-5 (measured 2e-7, 5e-7).
+    np.testing.assert_allclose(np.asarray(new.var), var.ravel(), rtol=1e-5)
     ref, _ = _reference(x64, params.scale, params.bias, mean, var, 1e-5)
-    np.testing.assert_allclose(np.asarray(y), ref, atol=2e-3)
+    np.testing.assert_allclose(np.asarray(y), ref, atol=1e-5 * float(np.max(params.scale)))
 
 
 # -- retracing --------------------------------------------------------------------------
