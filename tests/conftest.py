@@ -15,6 +15,8 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 
+# CI: reproducible (derandomize: each property draws from a seed of its own, taken from
+# its name), with per-test max_examples where a property compiles per example.
 settings.register_profile(
     "ci",
     max_examples=25,
@@ -23,6 +25,14 @@ settings.register_profile(
     derandomize=True,
 )
 settings.register_profile("dev", max_examples=100, deadline=None)
+# Nightly-style, for local runs: HYPOTHESIS_PROFILE=thorough make test (about an hour).
+settings.register_profile(
+    "thorough",
+    max_examples=500,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    derandomize=False,
+)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
