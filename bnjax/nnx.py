@@ -197,7 +197,9 @@ class BatchNorm(nnx.Module):
                 (x, stats.mean, stats.var, scale, bias), dtype=self.dtype
             )
         v.check_input(x)  # integers were promoted to float; complex inputs are refused
-        core = common.core_config(self, dtype=x.dtype, axis_name=self.axis_name)
+        # The output has ``dtype`` when given, whatever the promotion returned (as in Flax).
+        out_dtype = x.dtype if self.dtype is None else self.dtype
+        core = common.core_config(self, dtype=out_dtype, axis_name=self.axis_name)
         if self.count is None and common.needs_count(core):
             raise ValueError(
                 f"averaging={self.averaging!r} (or renorm/checks) reads the batch count, but "
@@ -215,7 +217,12 @@ class BatchNorm(nnx.Module):
         return y
 
     def set_view(self, use_running_average: bool | None = None):
-        """Used by ``nnx.view``: sets ``use_running_average`` when it is not None."""
+        """Used by ``nnx.view`` (and described by ``nnx.view_info``).
+
+        Args:
+          use_running_average: if True, the stored batch statistics will be used instead
+            of computing the batch statistics on the input; None leaves it unchanged.
+        """
         if use_running_average is not None:
             self.use_running_average = use_running_average
 

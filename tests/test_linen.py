@@ -2,6 +2,7 @@
 
 import dataclasses
 import inspect
+import warnings
 
 import flax.linen as nn
 import jax
@@ -582,3 +583,20 @@ def test_cnn_trained_three_steps_matches_flax():
         theirs = _train_cnn(nn.BatchNorm, x, labels)
         ours = _train_cnn(bl.BatchNorm, x, labels)
     jax.tree.map(lambda a, b: _close(a, b, 1e-4), ours, theirs)
+
+
+def test_one_element_batches_are_silent_as_in_flax():
+    """A dummy batch of one (Module.init, a ResNet's last stage) warns in the core only:
+    Flax is silent, and projects running warnings as errors must not break on the switch.
+    ``checks=True`` keeps the warning."""
+    x = _data((1, 1, 1, 4), seed=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bn = bl.BatchNorm(use_running_average=False)
+        variables = bn.init(KEY, x)
+        bn.apply(variables, x, mutable=["batch_stats"])
+    with pytest.warns(UserWarning, match="equals bias"):
+        bl.BatchNorm(use_running_average=False, checks=True).init(KEY, x)
+    core = bnjax.BatchNorm()
+    with pytest.warns(UserWarning, match="equals bias"):
+        core.apply(*core.init(x), x, training=True)

@@ -1,6 +1,7 @@
 """bnjax.nnx.BatchNorm against the real flax.nnx.BatchNorm and numpy float64 references."""
 
 import inspect
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -360,3 +361,38 @@ def test_scan_over_layers_matches_flax():
     assert ours.mean[...].shape == (3, 4)
     _close(ours.mean[...], theirs.mean[...], 1e-5)
     _close(ours.var[...], theirs.var[...], 1e-5)
+
+
+def test_one_element_batches_are_silent_as_in_flax():
+    x = _data((1, 4), seed=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bx.BatchNorm(4, rngs=_rngs())(x)
+    with pytest.warns(UserWarning, match="equals bias"):
+        bx.BatchNorm(4, checks=True, rngs=_rngs())(x)
+
+
+def test_view_info_describes_use_running_average():
+    """``nnx.view_info`` parses ``set_view``'s Args section (it raised KeyError)."""
+
+    class Model(nnx.Module):
+        def __init__(self):
+            self.bn = bx.BatchNorm(3, rngs=_rngs())
+
+    info = str(nnx.view_info(Model()))
+    assert "use_running_average" in info and "stored batch statistics" in info
+
+
+def test_dtype_is_the_output_dtype_whatever_the_promotion():
+    """With ``dtype=float16`` and a ``promote_dtype`` that returns float32, Flax returns
+    float16; so does bnjax (it returned float32)."""
+
+    def promote(args, dtype=None):
+        return tuple(None if a is None else jnp.asarray(a, jnp.float32) for a in args)
+
+    x = _data((8, 3), seed=5)
+    kwargs = dict(dtype=jnp.float16, promote_dtype=promote, rngs=_rngs())
+    ours, theirs = bx.BatchNorm(3, **kwargs), nnx.BatchNorm(3, **kwargs)
+    y, y_ref = ours(x), _flax(theirs, x)
+    assert y.dtype == y_ref.dtype == jnp.float16
+    _close(y.astype(jnp.float32), y_ref.astype(jnp.float32), 1e-3)

@@ -22,6 +22,10 @@ from bnjax._src.reduction import Reduction, expand_mask
 from bnjax._src.types import BatchNormParams, BatchNormState
 
 
+class OneElementWarning(UserWarning):
+    """``training=True`` with one element per feature: the output equals ``bias``."""
+
+
 @dataclasses.dataclass(frozen=True)
 class BatchNorm:
     """Batch normalization with explicit state.
@@ -264,7 +268,7 @@ class BatchNorm:
                 f"{tuple(x_shape)}, axis={self.axis}, virtual_batch_size="
                 f"{self.virtual_batch_size}): each is its own batch mean, so the output "
                 "equals bias",
-                UserWarning,
+                OneElementWarning,
                 stacklevel=3,
             )
 

@@ -19,6 +19,7 @@ Masks follow Flax, not the core: a mask is broadcast against ``x`` with numpy's 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -26,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bnjax._src import validation as v
-from bnjax._src.batchnorm import BatchNorm
+from bnjax._src.batchnorm import BatchNorm, OneElementWarning
 from bnjax._src.moments import accumulation_dtype
 from bnjax._src.types import BatchNormParams, BatchNormState
 
@@ -213,7 +214,14 @@ def run(core, scale, bias, stats: Stats, x, *, training, update_stats, mask):
     state = BatchNormState(mean=stats.mean.astype(acc), var=stats.var.astype(acc), count=count)
     params = BatchNormParams(scale=scale, bias=bias)
     mask = broadcast_mask(mask, jnp.shape(x))
-    y, new = core.apply(params, state, x, training=training, update_stats=update_stats, mask=mask)
+    with warnings.catch_warnings():
+        # Flax is silent on a batch of one element per feature (the dummy batch of an
+        # init, say), and a drop-in must be too; ``checks=True`` keeps the warning.
+        if not core.checks:
+            warnings.simplefilter("ignore", OneElementWarning)
+        y, new = core.apply(
+            params, state, x, training=training, update_stats=update_stats, mask=mask
+        )
     if not update_stats:
         return y, stats
     new = jax.lax.stop_gradient(new)
