@@ -137,7 +137,7 @@ class BatchNorm(nn.Module):
         initializing = self.is_initializing()
         probe = common.core_config(self)
         feat = probe.feature_shape(jnp.shape(x))
-        mean, var, count = self._stat_variables(feat, common.needs_count(probe))
+        mean, var, count = _stat_variables(self, feat, common.needs_count(probe))
         pd = self.param_dtype
         scale = self.param("scale", self.scale_init, feat, pd) if self.use_scale else None
         bias = self.param("bias", self.bias_init, feat, pd) if self.use_bias else None
@@ -164,17 +164,21 @@ class BatchNorm(nn.Module):
                 count.value = new.count
         return y
 
-    def _stat_variables(self, feat, with_count):
-        """``batch_stats/{mean,var}`` in Flax's dtypes, and ``count`` when it is needed.
 
-        A count absent from immutable variables (Flax's own) is left absent: None.
-        """
-        stat_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
-        mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, stat_dtype), feat)
-        var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, stat_dtype), feat)
-        count = None
-        if with_count and (
-            self.has_variable("batch_stats", "count") or self.is_mutable_collection("batch_stats")
-        ):
-            count = self.variable("batch_stats", "count", jnp.zeros, (), jnp.int32)
-        return mean, var, count
+def _stat_variables(module, feat, with_count):
+    """``batch_stats/{mean,var}`` in Flax's dtypes, and ``count`` when it is needed.
+
+    A count absent from immutable variables (Flax's own) is left absent: None. A plain
+    function, not a method: linen wraps every method and records it as a call, which
+    ``nn.tabulate`` then shows as a layer of its own (and its FLOP count re-runs outside
+    ``setup``/``compact``).
+    """
+    stat_dtype = jnp.float32 if module.force_float32_reductions else module.param_dtype
+    mean = module.variable("batch_stats", "mean", lambda s: jnp.zeros(s, stat_dtype), feat)
+    var = module.variable("batch_stats", "var", lambda s: jnp.ones(s, stat_dtype), feat)
+    count = None
+    if with_count and (
+        module.has_variable("batch_stats", "count") or module.is_mutable_collection("batch_stats")
+    ):
+        count = module.variable("batch_stats", "count", jnp.zeros, (), jnp.int32)
+    return mean, var, count

@@ -600,3 +600,18 @@ def test_one_element_batches_are_silent_as_in_flax():
     core = bnjax.BatchNorm()
     with pytest.warns(UserWarning, match="equals bias"):
         core.apply(*core.init(x), x, training=True)
+
+
+def test_tabulate_with_flops_and_repeated_calls_shows_one_batch_norm_row():
+    """``nn.tabulate(..., compute_flops=True)`` raised, and ``show_repeated=True`` showed an
+    extra "BatchNorm (_stat_variables)" row: the helper was a Module method."""
+
+    class Model(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return bl.BatchNorm(use_running_average=False)(nn.Dense(4)(x))
+
+    with jax.numpy_dtype_promotion("standard"):  # Flax's Dense mixes dtypes
+        table = nn.tabulate(Model(), KEY, compute_flops=True, show_repeated=True)(jnp.ones((8, 3)))
+    assert "_stat_variables" not in table
+    assert table.count("│ BatchNorm │") == 1
