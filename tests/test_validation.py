@@ -26,7 +26,7 @@ CONFIG_ERRORS = {  # name: (kwargs, exception, regex: argument, value, expectati
     "epsilon_negative": (
         {"epsilon": -1e-3},
         ValueError,
-        r"epsilon=-0\.001 .*expected .*\[0\.0, inf\]",
+        r"epsilon=-0\.001 .*expected .*\[0\.0, 3\.40.*e\+38\]",
     ),
     "epsilon_inf": ({"epsilon": float("inf")}, ValueError, r"epsilon must be finite; got inf"),
     "epsilon_none": ({"epsilon": None}, TypeError, r"epsilon must be a real number; got None"),
@@ -308,3 +308,20 @@ def test_errors_are_raised_under_jit_too():
         f(PARAMS, STATE._replace(mean=jnp.zeros(4)), X)
     with pytest.raises(TypeError, match="x must have a floating-point dtype; got int32"):
         f(PARAMS, STATE, jnp.ones((4, 3), jnp.int32))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, words",
+    [
+        # 1e300 is inf in float32: every output would be 0.
+        (dict(epsilon=1e300), ValueError, ["epsilon=1e+300", "out of range"]),
+        # jnp.dtype(None) is float64: the parameters would silently widen.
+        (dict(param_dtype=None), TypeError, ["param_dtype", "got None"]),
+    ],
+)
+def test_settings_that_were_silently_accepted_are_refused(kwargs, error, words):
+    with pytest.raises(error) as info:
+        bnjax.BatchNorm(**kwargs)
+    for word in words:
+        assert word in str(info.value)
+    assert bnjax.BatchNorm(epsilon=float(np.finfo(np.float32).max)).epsilon > 0  # the edge

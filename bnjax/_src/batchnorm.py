@@ -107,7 +107,8 @@ class BatchNorm:
         set_ = object.__setattr__
         set_(self, "axis", v.as_axes(self.axis))
         v.check_number("momentum", self.momentum, low=0.0, high=1.0)
-        v.check_number("epsilon", self.epsilon, low=0.0)
+        # Above float32's largest value epsilon is inf where statistics are float32.
+        v.check_number("epsilon", self.epsilon, low=0.0, high=float(jnp.finfo(jnp.float32).max))
         for name in ("center", "scale", "skip_nonfinite", "checks"):
             v.check_bool(name, getattr(self, name))
         v.check_choice("averaging", self.averaging, v.AVERAGING)

@@ -155,8 +155,11 @@ def check_trees(params, state, feat, scale: bool, center: bool) -> None:
 
 def float_dtype(name, value, allow_none=False):
     """``value`` as a floating ``jnp.dtype`` (or None where allowed)."""
-    if value is None and allow_none:
-        return None
+    if value is None:
+        if allow_none:
+            return None
+        # jnp.dtype(None) is float64: refuse rather than silently widen.
+        raise TypeError(f"{name} must be a floating dtype such as jnp.float32; got None")
     try:
         dt = jnp.dtype(value)
     except TypeError:
