@@ -186,3 +186,19 @@ def test_fold_skips_unusable_batches(maybe_jit):
     mom = _moments_of(x)._replace(scaled_var=jnp.asarray([[1.0, np.nan]], jnp.float32))
     new = maybe_jit(lambda s, m: _fold(s, m, skip_nonfinite=False))(state, mom)
     assert np.isnan(new.var[1]) and int(new.count) == 3
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.uint8])
+def test_count_saturates_instead_of_wrapping(dtype):
+    """At the largest value of its dtype the count stays there: wrapped (negative int32,
+    0 for uint8) it froze the running statistics or restarted them."""
+    top = int(jnp.iinfo(dtype).max)
+    bn = bnjax.BatchNorm(averaging="cumulative")
+    params, state = bn.init((8, 2))
+    state = state._replace(mean=jnp.ones(2), var=jnp.full(2, 2.0), count=jnp.asarray(top, dtype))
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(8, 2)), jnp.float32)
+    _, new = bn.apply(params, state, x, training=True)
+    assert new.count.dtype == dtype and int(new.count) == top
+    w = 1.0 / (top + 1.0)  # the batch still moves the average by its tiny weight
+    x64 = np.asarray(x, np.float64)
+    np.testing.assert_allclose(new.mean, 1 + w * (x64.mean(0) - 1), rtol=1e-6)

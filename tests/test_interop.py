@@ -326,3 +326,14 @@ def test_torch_state_trains_with_torch_momentum(momentum):
     assert int(new.count) == t + 1
     xhat = (x64 - x64.mean(0)) / np.sqrt(x64.var(0) + 1e-5)
     np.testing.assert_allclose(y, xhat * sd["weight"] + sd["bias"], atol=1e-5)
+
+
+def test_torch_count_beyond_int32_saturates_and_a_negative_one_is_refused():
+    sd = {
+        "running_mean": np.zeros(2, np.float32),
+        "running_var": np.ones(2, np.float32),
+        "num_batches_tracked": np.int64(2**32),  # wrapped to 0 before
+    }
+    assert int(interop.from_torch(sd)[1].count) == 2**31 - 1
+    with pytest.raises(ValueError, match="num_batches_tracked must be >= 0"):
+        interop.from_torch({**sd, "num_batches_tracked": np.int64(-1)})

@@ -54,6 +54,14 @@ def _step(old, batch, w):
     return jnp.where(w == 1, batch, old + w * (batch - old))
 
 
+def _increment(count):
+    """``count + 1``, saturating at the largest value of its integer dtype: a wrapped
+    count (negative, or 0 for uint8) would restart the averages or freeze them."""
+    count = jnp.asarray(count)
+    top = jnp.iinfo(count.dtype).max
+    return jnp.where(count >= top, count, count + 1).astype(count.dtype)
+
+
 def fold(
     state: BatchNormState,
     moments: Moments,
@@ -91,7 +99,7 @@ def fold(
     new = BatchNormState(
         mean=_step(old_mean, mean, w).astype(state.mean.dtype),
         var=_step(old_var, var, w).astype(state.var.dtype),
-        count=state.count + 1,
+        count=_increment(state.count),
     )
     if skip_nonfinite:
         # A non-finite batch statistic makes its new value non-finite too (NaN stays NaN,

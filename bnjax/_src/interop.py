@@ -51,7 +51,11 @@ def as_count(value, name: str) -> jnp.ndarray:
     count = np.asarray(_torch_numpy(value) if hasattr(value, "detach") else value)
     if count.shape != () or not np.issubdtype(count.dtype, np.integer):
         raise TypeError(f"{name} must be an integer scalar; got {value!r}")
-    return jnp.asarray(count, jnp.int32)
+    if count < 0:
+        raise ValueError(f"{name} must be >= 0; got {int(count)}")
+    # int32 holds 2**31 - 1 batches; a larger int64 count saturates there (it wrapped to
+    # 0, and with momentum=None the next batch then replaced the statistics).
+    return jnp.asarray(min(int(count), np.iinfo(np.int32).max), jnp.int32)
 
 
 def optional(d, key):
