@@ -76,7 +76,7 @@ def autodiff_train(bn, params, x, axes):
     """The same forward as bnjax's training pass, differentiated by JAX."""
     keep = [1 if i in axes else d for i, d in enumerate(x.shape)]
     mom = batch_moments(x, Reduction(axes), statistics=bn.statistics)
-    inv = inverse_std(mom, jnp.ones(keep, jnp.float32), bn.epsilon)
+    inv = inverse_std(mom, bn.epsilon)
     a = multiplier(params.scale.reshape(keep), inv, jnp.float32)
     return affine(x, mom.pivot, mom.delta, a, params.bias.reshape(keep), x.dtype)
 

@@ -64,12 +64,6 @@ def batch_moments(x, red: Reduction, *, statistics: str = "auto") -> Moments:
       pivot and delta 0 and variance 0.
     """
     count = red.psum(red.local_count(x.shape, accumulation_dtype(x.dtype)))
-    if statistics == "auto":
-        statistics = eager_choice((x, red.mask))
-    if statistics == "branchless":
-        return exact_moments(x, red, count)
-    if statistics == "checked":
-        return checked_moments(x, red, count)
 
     def checked(x, count, mask):
         return checked_moments(x, red._replace(mask=mask), count)
@@ -77,8 +71,26 @@ def batch_moments(x, red: Reduction, *, statistics: str = "auto") -> Moments:
     def branchless(x, count, mask):
         return exact_moments(x, red._replace(mask=mask), count)
 
-    cpu = checked if red.axis_name is not None else unless_vmapped(checked, branchless)
-    return lax.platform_dependent(x, count, red.mask, cpu=cpu, default=branchless)
+    args = (x, count, red.mask)
+    return by_statistics(statistics, checked, branchless, args, named_axis=red.axis_name)
+
+
+def by_statistics(statistics, checked, branchless, args, *, named_axis=None):
+    """``checked(*args)`` or ``branchless(*args)``, as ``statistics`` says.
+
+    ``"auto"``: run op by op, the arrays' platform decides (:func:`eager_choice`); traced,
+    the platform the program is lowered for (``lax.platform_dependent``), and on CPU the
+    branchless function under ``jax.vmap`` (:func:`unless_vmapped`), unless a named axis
+    is in use.
+    """
+    if statistics == "auto":
+        statistics = eager_choice(args)
+    if statistics == "checked":
+        return checked(*args)
+    if statistics == "branchless":
+        return branchless(*args)
+    cpu = checked if named_axis is not None else unless_vmapped(checked, branchless)
+    return lax.platform_dependent(*args, cpu=cpu, default=branchless)
 
 
 def eager_choice(arrays) -> str:
@@ -89,7 +101,7 @@ def eager_choice(arrays) -> str:
     conditional would be compiled anew at every call.
     """
     leaves = jax.tree.leaves(arrays)
-    if any(isinstance(a, jax.core.Tracer) or not hasattr(a, "devices") for a in leaves):
+    if not is_concrete(leaves) or not all(hasattr(a, "devices") for a in leaves):
         return "auto"
     platforms = {d.platform for a in leaves for d in a.devices()}
     if len(platforms) != 1:

@@ -21,9 +21,8 @@ from bnjax._src import renorm
 from bnjax._src.moments import (
     accumulation_dtype,
     batch_moments,
-    eager_choice,
+    by_statistics,
     is_concrete,
-    unless_vmapped,
     well_conditioned,
 )
 from bnjax._src.reduction import Reduction
@@ -132,19 +131,15 @@ def _keep(leaf, shape):
     return None if leaf is None else jnp.reshape(leaf, shape)
 
 
-def inverse_std(mom, fallback_var, epsilon):
+def inverse_std(mom, epsilon):
     """Per-feature ``1 / sqrt(var + epsilon)``, computed in the moments' units.
 
     ``rsqrt(scaled_var + epsilon / unit**2) / unit`` is exact wherever the variance itself
-    overflows float32. A feature with nothing counted has no batch statistics: it takes the
-    running variance ``fallback_var`` (keep-dims shape).
+    overflows float32.
     """
-    acc = mom.scaled_var.dtype
-    counted = mom.count > 0
-    var = jnp.where(counted, mom.scaled_var, fallback_var.astype(acc))
-    inv_unit = jnp.where(counted, 1 / mom.unit, 1)
-    eps = jnp.asarray(epsilon, acc) * inv_unit * inv_unit
-    return lax.rsqrt(var + eps) * inv_unit
+    inv_unit = 1 / mom.unit
+    eps = jnp.asarray(epsilon, mom.scaled_var.dtype) * inv_unit * inv_unit
+    return lax.rsqrt(mom.scaled_var + eps) * inv_unit
 
 
 def _forward(spec: Spec, x, scale, bias, mask, fallback_mean, fallback_var, clip=None):
@@ -156,12 +151,13 @@ def _forward(spec: Spec, x, scale, bias, mask, fallback_mean, fallback_var, clip
     mom = mom._replace(
         pivot=jnp.where(counted, mom.pivot, fallback_mean.astype(acc)),
         delta=jnp.where(counted, mom.delta, 0),
+        scaled_var=jnp.where(counted, mom.scaled_var, fallback_var.astype(acc)),
+        unit=jnp.where(counted, mom.unit, 1),
     )
-    inv = inverse_std(mom, fallback_var, spec.epsilon)
-    var = jnp.where(counted, mom.var, fallback_var.astype(acc))
+    inv = inverse_std(mom, spec.epsilon)
     scale, bias, rd = _keep(scale, keep), _keep(bias, keep), None
     if clip is not None:  # batch renormalization: corrected per-feature coefficients
-        rd = renorm.corrections(mom, var, fallback_mean, fallback_var, spec.epsilon, clip)
+        rd = renorm.corrections(mom, mom.var, fallback_mean, fallback_var, spec.epsilon, clip)
         scale, bias = renorm.corrected_affine(scale, bias, *rd)
     b = None if bias is None else bias.astype(acc)
     y = affine(x, mom.pivot, mom.delta, multiplier(scale, inv, acc), b, spec.out_dtype)
@@ -212,16 +208,10 @@ def _sum_g_xhat(spec, x, g, mask, *, mom, inv, g_sum):
     def centred(x, g, mom, inv, g_sum):
         return centred_sum(spec, x, g, None, mom, inv)
 
-    statistics = spec.statistics
-    if statistics == "auto":
-        statistics = eager_choice((x, g, mask))
-    if mask is not None or statistics == "branchless":
+    if mask is not None:  # a masked plain sum is no cheaper: the centred form
         return centred_sum(spec, x, g, mask, mom, inv)
     args = (x, g, mom, inv, g_sum)
-    if statistics == "checked":
-        return checked(*args)
-    cpu = checked if spec.axis_name is not None else unless_vmapped(checked, centred)
-    return lax.platform_dependent(*args, cpu=cpu, default=centred)
+    return by_statistics(spec.statistics, checked, centred, args, named_axis=spec.axis_name)
 
 
 def centred_sum(spec, x, g, mask, mom, inv):
