@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench lint clean
+.PHONY: test demo bench lint clean mutants
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,5 +26,20 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
 
+# Mutation testing (not part of CI; see tests/MUTANTS.md): every comparison, arithmetic,
+# boolean and return-value mutant of bnjax/_src, each run against the tests that cover its
+# line, stopping at the first failure. About 2 hours on 2 cores; results are cached in
+# .gremlins_cache, so a second run only tests the mutants of changed code.
+# The slow integration tests (examples, the two-process run, the benchmark harness) are
+# left out: each would take most of a mutant's time budget.
+MUTANT_TESTS ?= tests --ignore-glob='tests/test_examples_*' --ignore=tests/test_multihost.py \
+	--ignore=tests/test_benchmarks.py
+mutants: $(STAMP)
+	$(BIN)/python -m pip install --quiet "pytest-gremlins==1.12.2"
+	$(BIN)/python -m pytest -o addopts="" -q -n 2 $(MUTANT_TESTS) \
+	  --gremlins --gremlin-targets=bnjax/_src --gremlin-cache --gremlin-workers=2 \
+	  --gremlin-mutant-timeout=600 --gremlin-coverage-timeout=7200 \
+	  --gremlin-report=console,json,html
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache .gremlins_cache coverage build *.egg-info
