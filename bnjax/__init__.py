@@ -9,7 +9,8 @@
 from bnjax import interop, presets
 from bnjax._src.batchnorm import BatchNorm
 from bnjax._src.fold import fold_into_conv, fold_into_dense
-from bnjax._src.recalibrate import PopulationAccumulator, recalibrate
+from bnjax._src.population import PopulationAccumulator
+from bnjax._src.recalibrate import recalibrate
 from bnjax._src.types import BatchNormParams, BatchNormState
 
 __version__ = "0.1.0"

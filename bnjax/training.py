@@ -1,4 +1,4 @@
-"""Training building blocks for models that use bnjax: state, steps, checkpoints, configs.
+"""Training building blocks for models that use bnjax: state, steps, checkpoints.
 
 >>> import optax, bnjax
 >>> from bnjax.training import TrainState
@@ -7,14 +7,11 @@
 """
 
 from bnjax._src.checkpoint import restore, save
-from bnjax._src.config import config_from_argv, load_config
 from bnjax._src.train_state import TrainState
 from bnjax._src.train_step import make_eval_step, make_train_step
 
 __all__ = [
     "TrainState",
-    "config_from_argv",
-    "load_config",
     "make_eval_step",
     "make_train_step",
     "restore",

@@ -41,6 +41,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+from _config import config_from_argv  # noqa: E402
 from _digits import CNN, cross_entropy, load_split, loss_and_accuracy  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
@@ -127,7 +128,7 @@ def max_difference(a, b) -> float:
 
 
 def main(argv=None) -> dict:
-    cfg = training.config_from_argv(Config, DEFAULT_CONFIG, argv)
+    cfg = config_from_argv(Config, DEFAULT_CONFIG, argv)
     if jax.device_count() < cfg.devices:
         raise ValueError(
             f"devices={cfg.devices} but JAX sees {jax.device_count()}; run this file as a "

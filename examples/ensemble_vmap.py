@@ -28,6 +28,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+from _config import config_from_argv  # noqa: E402
 from _digits import CNN, accuracy, cross_entropy, load_split  # noqa: E402
 
 from bnjax import training  # noqa: E402
@@ -139,7 +140,7 @@ def evaluate(model: CNN, ensemble, test):
 
 
 def main(argv=None) -> dict:
-    cfg = training.config_from_argv(Config, DEFAULT_CONFIG, argv)
+    cfg = config_from_argv(Config, DEFAULT_CONFIG, argv)
     x_tr, y_tr, x_te, y_te = load_split(cfg.test_fraction, cfg.seed)
     model = CNN(channels=cfg.channels, bn_momentum=cfg.bn_momentum)
     batches = member_batches(cfg, x_tr, y_tr)

@@ -16,15 +16,17 @@ import functools
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _config import config_from_argv  # noqa: E402
 from sklearn.datasets import load_digits
 
-import bnjax.linen
-from bnjax.training import config_from_argv
+import bnjax.linen  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "configs" / "flax_resnet.toml"

@@ -39,11 +39,12 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import bnjax
-from bnjax.training import TrainState, load_config
+from bnjax.training import TrainState
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _multihost_model as model  # noqa: E402  (the examples' helpers, next to this file)
 import _processes as processes  # noqa: E402
+from _config import load_config  # noqa: E402
 from _multihost_model import Config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -171,7 +171,8 @@ def plot(curves: dict[str, dict[str, np.ndarray]], path: Path) -> Path:
 
 def load(argv) -> Config:
     """Reads the config file, then applies ``key=value`` overrides from ``argv``."""
-    from bnjax.training import config_from_argv
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _config import config_from_argv
 
     return config_from_argv(Config, DEFAULT_CONFIG, argv)
 

@@ -23,6 +23,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+from _config import config_from_argv  # noqa: E402
 from _digits import CNN, cross_entropy, load_split, loss_and_accuracy  # noqa: E402
 
 from bnjax import training  # noqa: E402
@@ -159,7 +160,7 @@ def report(result: dict, restored: dict) -> None:
 
 
 def main(argv=None) -> dict:
-    cfg = training.config_from_argv(Config, DEFAULT_CONFIG, argv)
+    cfg = config_from_argv(Config, DEFAULT_CONFIG, argv)
     start = time.perf_counter()
     result = train(cfg)
     out = Path(cfg.out_dir)

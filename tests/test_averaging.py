@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from reference import moments, running_average, running_stats
 
 import bnjax
-from bnjax._src.averaging import fold
+from bnjax._src.averaging import update
 from bnjax._src.types import BatchNormState, Moments
 
 # maybe_jit is a stateless function-scoped fixture, safe to share across examples.
@@ -145,9 +145,9 @@ def _moments_of(x):
     )
 
 
-def _fold(state, mom, **kwargs):
+def _update(state, mom, **kwargs):
     options = dict(momentum=0.9, averaging="ema", running_var="biased", skip_nonfinite=True)
-    return fold(state, mom, **(options | kwargs))
+    return update(state, mom, **(options | kwargs))
 
 
 def _state(mean, var, count):
@@ -160,7 +160,7 @@ def test_fold_one_step_from_any_count(maybe_jit):
     _, mean, var = moments(x)
     state = _state([0.5, -1.0, 2.0], [1.5, 0.5, 3.0], 4)
     for averaging, w in (("ema", 0.1), ("debiased", 0.1 / (1 - 0.9**5)), ("cumulative", 0.2)):
-        new = maybe_jit(lambda s, m, a=averaging: _fold(s, m, averaging=a))(state, _moments_of(x))
+        new = maybe_jit(lambda s, m, a=averaging: _update(s, m, averaging=a))(state, _moments_of(x))
         np.testing.assert_allclose(new.mean, state.mean + w * (mean - state.mean), rtol=1e-6)
         np.testing.assert_allclose(new.var, state.var + w * (var - state.var), rtol=1e-6)
         assert int(new.count) == 5
@@ -179,12 +179,12 @@ def test_fold_skips_unusable_batches(maybe_jit):
         (_moments_of(x)._replace(delta=jnp.asarray([[np.inf, 0.0]], jnp.float32)), {}),
     ]
     for mom, kwargs in bad:
-        new = maybe_jit(lambda s, m, kw=kwargs: _fold(s, m, **kw))(state, mom)
+        new = maybe_jit(lambda s, m, kw=kwargs: _update(s, m, **kw))(state, mom)
         for got, want in zip(new, state, strict=True):
             np.testing.assert_array_equal(got, want)
     # Without skip_nonfinite, a NaN batch is folded in (and counted).
     mom = _moments_of(x)._replace(scaled_var=jnp.asarray([[1.0, np.nan]], jnp.float32))
-    new = maybe_jit(lambda s, m: _fold(s, m, skip_nonfinite=False))(state, mom)
+    new = maybe_jit(lambda s, m: _update(s, m, skip_nonfinite=False))(state, mom)
     assert np.isnan(new.var[1]) and int(new.count) == 3
 
 

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import bnjax
-from bnjax._src.recalibrate import start
+from bnjax._src.population import start
 
 
 def _batches(seed, sizes, c=3, loc=2.0, scale=3.0):

@@ -1,9 +1,9 @@
-"""Running statistics: folding one batch's moments into the state.
+"""Running statistics: one batch's moments averaged into the state.
 
 Every averaging mode is the same step ``r <- r + w_t * (batch - r)`` with its own weight
-(the incremental form: over a long run it drifts less than ``(1 - w_t) * r + w_t * batch``,
-2.8e-6 against 1e-7 after the notebook's 1000 updates; a weight of 1, the first batch of
-``"debiased"`` or ``"cumulative"``, takes the batch's statistics exactly):
+(the incremental form drifts less over a long run than ``(1 - w_t) * r + w_t * batch``;
+benchmarks/NOTES.md has the numbers; a weight of 1, the first batch of ``"debiased"`` or
+``"cumulative"``, takes the batch's statistics exactly):
 
 * ``"ema"``: ``w_t = 1 - momentum`` (TF, Keras, Flax, PyTorch; starts from mean 0, var 1).
 * ``"debiased"``: ``w_t = (1 - m) / (1 - m**(t+1))``, Haiku's zero-debiased EMA: after
@@ -11,16 +11,15 @@ Every averaging mode is the same step ``r <- r + w_t * (batch - r)`` with its ow
 * ``"cumulative"``: ``w_t = 1 / (t + 1)``, the equal-weight mean of all batches (PyTorch's
   ``momentum=None``).
 
-``t`` is ``state.count``, the number of batches already folded in.
+``t`` is ``state.count``, the number of batches already averaged in.
 """
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from bnjax._src.moments import accumulation_dtype
-from bnjax._src.types import BatchNormState, Moments
+from bnjax._src.types import BatchNormState, Moments, all_or_nothing
 
 
 def weight(averaging: str, momentum: float, count, dtype):
@@ -47,10 +46,9 @@ def _check_floating(state: BatchNormState) -> None:
             )
 
 
-def _step(old, batch, w):
+def _towards(old, batch, w):
     """``old + w * (batch - old)``; exactly ``batch`` when ``w`` is 1 (the rounding of
-    ``batch - old`` would otherwise cost up to ``|old| / |batch|`` ulps: 6e-6 relative for
-    a variance of 0.01 replacing the initial 1)."""
+    ``batch - old`` would otherwise cost up to ``|old| / |batch|`` ulps)."""
     return jnp.where(w == 1, batch, old + w * (batch - old))
 
 
@@ -62,7 +60,7 @@ def _increment(count):
     return jnp.where(count >= top, count, count + 1).astype(count.dtype)
 
 
-def fold(
+def update(
     state: BatchNormState,
     moments: Moments,
     *,
@@ -71,7 +69,7 @@ def fold(
     running_var: str,
     skip_nonfinite: bool,
 ) -> BatchNormState:
-    """Returns ``state`` with one batch folded in, or ``state`` itself if the batch is unusable.
+    """Returns ``state`` with one batch averaged in, or ``state`` itself if it is unusable.
 
     A batch is unusable when some feature counted no element (zero-size or fully masked
     batch), when ``running_var="unbiased"`` and some feature counted only one element (its
@@ -97,8 +95,8 @@ def fold(
     w = weight(averaging, momentum, state.count, dtype)
     old_mean, old_var = state.mean.astype(dtype), state.var.astype(dtype)
     new = BatchNormState(
-        mean=_step(old_mean, mean, w).astype(state.mean.dtype),
-        var=_step(old_var, var, w).astype(state.var.dtype),
+        mean=_towards(old_mean, mean, w).astype(state.mean.dtype),
+        var=_towards(old_var, var, w).astype(state.var.dtype),
         count=_increment(state.count),
     )
     if skip_nonfinite:
@@ -106,4 +104,4 @@ def fold(
         # an infinity stays infinite or becomes NaN through 0 * inf), so checking the new
         # values covers the batch's and an overflow of the stored dtype alike.
         ok = ok & jnp.all(jnp.isfinite(new.mean)) & jnp.all(jnp.isfinite(new.var))
-    return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state)
+    return all_or_nothing(ok, new, state)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import warnings
 from collections.abc import Callable, Hashable
@@ -11,15 +12,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from bnjax._src import averaging, ghost, population, renorm
 from bnjax._src import checks as runtime_checks
-from bnjax._src import ghost, renorm
 from bnjax._src import validation as v
-from bnjax._src.averaging import fold
 from bnjax._src.moments import STATISTICS, accumulation_dtype, batch_moments
-from bnjax._src.normalize import Spec, affine, multiplier, train_normalize, vary_like
-from bnjax._src.recalibrate import PopulationAccumulator, accumulate
+from bnjax._src.normalize import Spec, affine_pass, multiplier, train_normalize
+from bnjax._src.population import PopulationAccumulator
 from bnjax._src.reduction import Reduction, expand_mask
-from bnjax._src.types import BatchNormParams, BatchNormState
+from bnjax._src.sharding import vary_like
+from bnjax._src.types import Affine, BatchNormParams, BatchNormState, Running
 
 
 class OneElementWarning(UserWarning):
@@ -61,7 +62,7 @@ class BatchNorm:
         ``renorm_rmax`` and ``renorm_dmax`` over ``renorm_ramp_steps`` batches.
       virtual_batch_size: ghost batch norm (``bnjax/_src/ghost.py``): in training, split
         axis 0 into chunks of this many rows, each normalized with its own statistics and
-        folded into the running state in order. None uses the whole batch.
+        averaged into the running state in order. None uses the whole batch.
       statistics: how batch statistics are computed (``bnjax/_src/moments.py``); every
         choice is exact. ``"checked"``: plain sums checked by a conditional, exact passes
         otherwise (fastest on XLA:CPU). ``"branchless"``: no data-dependent control flow
@@ -117,9 +118,9 @@ class BatchNorm:
         v.check_bool("renorm", self.renorm)
         v.check_number("renorm_rmax", self.renorm_rmax, low=1.0)
         v.check_number("renorm_dmax", self.renorm_dmax, low=0.0)
-        renorm.check_count("renorm_ramp_start", self.renorm_ramp_start)
-        renorm.check_count("renorm_ramp_steps", self.renorm_ramp_steps)
-        renorm.check_count("virtual_batch_size", self.virtual_batch_size, low=1, allow_none=True)
+        v.check_int("renorm_ramp_start", self.renorm_ramp_start)
+        v.check_int("renorm_ramp_steps", self.renorm_ramp_steps)
+        v.check_int("virtual_batch_size", self.virtual_batch_size, low=1, allow_none=True)
         if self.axis_name is not None and not isinstance(self.axis_name, Hashable):
             raise TypeError(f"axis_name must be hashable; got {self.axis_name!r}")
         set_(self, "axis_index_groups", v.as_groups(self.axis_index_groups))
@@ -181,15 +182,19 @@ class BatchNorm:
     ) -> tuple[jax.Array, BatchNormState]:
         """Normalizes ``x`` and returns the new running state.
 
+        One call is one computation, ``(y, moments)``, then one update of ``state`` by the
+        batch's moments, chosen by the state's type.
+
         Args:
           params: ``BatchNormParams`` from :meth:`init`.
           state: ``BatchNormState`` from :meth:`init` or a previous call; or a
-            ``PopulationAccumulator`` (see :func:`bnjax.recalibrate`), which gets this
-            batch's exact moments merged in instead of a running-average update.
+            ``PopulationAccumulator`` (see :func:`bnjax.recalibrate`), which normalizes as
+            its ``state`` does and gets this batch's exact moments merged in instead of a
+            running-average update.
           x: float array of any shape with the feature axes of :attr:`axis`.
           training: required. True normalizes with the statistics of this batch; False
             with the running statistics in ``state``.
-          update_stats: fold this batch into the running statistics; defaults to
+          update_stats: average this batch into the running statistics; defaults to
             ``training``. When False, the returned state is ``state`` itself.
           mask: optional bool array, the shape of ``x`` without its feature axes (or
             broadcastable to it, or to ``x``); False entries are left out of the statistics.
@@ -204,64 +209,110 @@ class BatchNorm:
           ValueError: axes out of range for ``x``, or params/state/mask shapes that do not
             match ``x``.
         """
-        if isinstance(state, PopulationAccumulator):  # recalibration, see recalibrate.py
-            return accumulate(self, params, state, x, training=training, mask=mask)
         v.check_training("training", training)
         update_stats = training if update_stats is None else update_stats
         v.check_training("update_stats", update_stats)
         v.check_input(x)
         x = jnp.asarray(x)
+        running = state.state if isinstance(state, PopulationAccumulator) else state
         feat_axes = v.feature_axes(self.axis, x.ndim, x.shape)
-        red_axes = tuple(i for i in range(x.ndim) if i not in feat_axes)
-        v.check_trees(params, state, tuple(x.shape[a] for a in feat_axes), self.scale, self.center)
+        reduce_axes = tuple(i for i in range(x.ndim) if i not in feat_axes)
+        v.check_trees(
+            params, running, tuple(x.shape[a] for a in feat_axes), self.scale, self.center
+        )
         mask = expand_mask(mask, x.shape, feat_axes)
+        chunked = training and self.virtual_batch_size is not None
+        if chunked:
+            ghost.check_batch(self.virtual_batch_size, x.shape, reduce_axes)
         if self.checks:
-            runtime_checks.check_apply(state, x, mask, training=training, update_stats=update_stats)
-        if training:
-            self._warn_if_one_element(x.shape, red_axes)
-        keep = tuple(1 if i in red_axes else d for i, d in enumerate(x.shape))
-        out_dtype = self.dtype or x.dtype
-        run_mean = jax.lax.stop_gradient(jnp.reshape(state.mean, keep))
-        run_var = jax.lax.stop_gradient(jnp.reshape(state.var, keep))
-        if x.size == 0:  # nothing to learn from: inference, state kept
-            return self._inference(params, run_mean, run_var, x, keep, out_dtype), state
-        if training:
-            spec = Spec(
-                red_axes,
-                float(self.epsilon),
-                self.axis_name,
-                self.axis_index_groups,
-                out_dtype,
-                self.statistics,
+            runtime_checks.check_apply(
+                running, x, mask, training=training, update_stats=update_stats
             )
-            y, moments = self._train(spec, params, state, x, mask, run_mean, run_var)
-        else:
-            y = self._inference(params, run_mean, run_var, x, keep, out_dtype)
-            moments = None
-            if update_stats:
-                red = Reduction(red_axes, mask, self.axis_name, self.axis_index_groups)
-                x_stats = jax.lax.stop_gradient(x)
-                moments = batch_moments(x_stats, red, statistics=self.statistics)
+        if training:
+            self._warn_if_one_element(x.shape, reduce_axes)
+        if x.size == 0:  # nothing to learn from: inference, state kept
+            return self._inference(params, running, x, reduce_axes), state
+        y, moments = self._compute(
+            params,
+            running,
+            x,
+            mask,
+            reduce_axes=reduce_axes,
+            training=training,
+            update_stats=update_stats,
+        )
         if not update_stats:
             return y, state
         if self.checks:
-            runtime_checks.check_update(state, moments)
-        chunked = training and self.virtual_batch_size is not None
-        return y, (ghost.fold_chunks if chunked else fold)(
-            state,
-            moments,
+            runtime_checks.check_update(running, moments)
+        update = self._update_for(state)
+        return y, (ghost.in_order(update, state, moments) if chunked else update(state, moments))
+
+    def _compute(self, params, running, x, mask, *, reduce_axes, training, update_stats):
+        """The forward computation: ``(y, moments)``, the moments None when nothing will
+        be updated in inference, and without gradient."""
+        if not training:
+            y = self._inference(params, running, x, reduce_axes)
+            if not update_stats:
+                return y, None
+            red = Reduction(reduce_axes, mask, self.axis_name, self.axis_index_groups)
+            return y, batch_moments(jax.lax.stop_gradient(x), red, statistics=self.statistics)
+        spec = Spec(
+            reduce_axes=reduce_axes,
+            epsilon=float(self.epsilon),
+            axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups,
+            out_dtype=self.dtype or x.dtype,
+            statistics=self.statistics,
+        )
+        affine = Affine(
+            scale=vary_like(params.scale if self.scale else None, x),
+            bias=vary_like(params.bias if self.center else None, x),
+        )
+        keep = _keep_dims(x.shape, reduce_axes)
+        seen = Running(
+            mean=self._as_seen(jnp.reshape(running.mean, keep), x),
+            var=self._as_seen(jnp.reshape(running.var, keep), x),
+        )
+        limits = None
+        if self.renorm:
+            limits = renorm.limits(
+                running.count,
+                accumulation_dtype(x.dtype),
+                rmax=self.renorm_rmax,
+                dmax=self.renorm_dmax,
+                ramp_start=self.renorm_ramp_start,
+                ramp_steps=self.renorm_ramp_steps,
+            )
+        if self.virtual_batch_size is None:
+            y, moments = train_normalize(spec, x, affine, mask, seen, limits)
+        else:
+            y, moments = ghost.ghost_normalize(
+                spec, x, affine, mask, seen, limits, virtual_batch_size=self.virtual_batch_size
+            )
+        return y, jax.lax.stop_gradient(moments)
+
+    def _update_for(self, state):
+        """The update of ``state`` by one batch's moments, chosen by the state's type."""
+        if isinstance(state, PopulationAccumulator):
+            return functools.partial(
+                population.merge,
+                unbiased=self.running_var == "unbiased",
+                skip_nonfinite=self.skip_nonfinite,
+            )
+        return functools.partial(
+            averaging.update,
             momentum=self.momentum,
             averaging=self.averaging,
             running_var=self.running_var,
             skip_nonfinite=self.skip_nonfinite,
         )
 
-    def _warn_if_one_element(self, x_shape, red_axes):
+    def _warn_if_one_element(self, x_shape, reduce_axes):
         """Warns when every (virtual) batch holds one element per feature: y equals bias."""
-        per_feature = math.prod(x_shape[a] for a in red_axes)
-        if self.virtual_batch_size is not None:
-            chunks = ghost.check_batch(self.virtual_batch_size, x_shape, red_axes)
-            per_feature //= max(chunks, 1)
+        per_feature = math.prod(x_shape[a] for a in reduce_axes)
+        if self.virtual_batch_size is not None:  # checked: axis 0 splits into chunks
+            per_feature //= max(x_shape[0] // self.virtual_batch_size, 1)
         if per_feature == 1 and self.axis_name is None:
             batch = "virtual batch" if self.virtual_batch_size is not None else "batch"
             warnings.warn(
@@ -273,51 +324,32 @@ class BatchNorm:
                 stacklevel=3,
             )
 
-    def _train(self, spec, params, state, x, mask, run_mean, run_var):
-        """The training pass: ``(y, moments)``, the moments without gradient."""
-        scale = vary_like(params.scale if self.scale else None, x)
-        bias = vary_like(params.bias if self.center else None, x)
-        fallbacks = self._fallbacks(run_mean, run_var, x)
-        if self.renorm or self.virtual_batch_size is not None:
-            y, moments = self._toolkit_train(spec, x, scale, bias, mask, fallbacks, state)
-        else:
-            y, moments = train_normalize(spec, x, scale, bias, mask, *fallbacks)
-        return y, jax.lax.stop_gradient(moments)
+    def _as_seen(self, stat, x):
+        """A running statistic as the training pass sees it, without gradient.
 
-    def _toolkit_train(self, spec, x, scale, bias, mask, fallbacks, state):
-        """The training pass with batch renormalization and/or virtual batches."""
-        clip = None
-        if self.renorm:
-            clip = renorm.limits(
-                self.renorm_rmax,
-                self.renorm_dmax,
-                self.renorm_ramp_start,
-                self.renorm_ramp_steps,
-                state.count,
-                accumulation_dtype(x.dtype),
-            )
-        if self.virtual_batch_size is None:
-            return train_normalize(spec, x, scale, bias, mask, *fallbacks, clip)
-        k = self.virtual_batch_size
-        return ghost.ghost_normalize(k, spec, x, scale, bias, mask, *fallbacks, clip)
-
-    def _fallbacks(self, run_mean, run_var, x):
-        """The running statistics as seen by the training pass.
-
-        With ``axis_name`` they stay replicated, so the combined statistics, and hence the
+        With ``axis_name`` it stays replicated, so the combined statistics, and hence the
         new state, are provably replicated under ``shard_map`` (``out_specs=P()`` works).
-        Without it every device has its own statistics, so they are made per-device too.
+        Without it every device has its own statistics, so it is made per-device too.
         """
-        if self.axis_name is not None:
-            return run_mean, run_var
-        return vary_like(run_mean, x), vary_like(run_var, x)
+        stat = jax.lax.stop_gradient(stat)
+        return stat if self.axis_name is not None else vary_like(stat, x)
 
-    def _inference(self, params, run_mean, run_var, x, keep, out_dtype):
-        acc = accumulation_dtype(x.dtype, run_var.dtype)
-        inv = jax.lax.rsqrt(run_var.astype(acc) + jnp.asarray(self.epsilon, acc))
+    def _inference(self, params, state, x, reduce_axes):
+        """``x`` normalized with the running statistics of ``state``."""
+        keep = _keep_dims(x.shape, reduce_axes)
+        mean = jax.lax.stop_gradient(jnp.reshape(state.mean, keep))
+        var = jax.lax.stop_gradient(jnp.reshape(state.var, keep))
+        acc = accumulation_dtype(x.dtype, var.dtype)
+        inv = jax.lax.rsqrt(var.astype(acc) + jnp.asarray(self.epsilon, acc))
         scale = jnp.reshape(params.scale, keep) if self.scale else None
         bias = jnp.reshape(params.bias, keep).astype(acc) if self.center else None
-        return affine(x, run_mean.astype(acc), None, multiplier(scale, inv, acc), bias, out_dtype)
+        out_dtype = self.dtype or x.dtype
+        return affine_pass(x, mean.astype(acc), None, multiplier(scale, inv, acc), bias, out_dtype)
+
+
+def _keep_dims(x_shape, reduce_axes) -> tuple[int, ...]:
+    """``x_shape`` with the reduced axes of size 1: the shape of per-feature values."""
+    return tuple(1 if i in reduce_axes else d for i, d in enumerate(x_shape))
 
 
 def _example_dtype(x_or_shape) -> tuple:

@@ -28,6 +28,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from bnjax._src import validation as v
+
 FORMAT = "bnjax-checkpoint-1"
 MANIFEST = "manifest.json"
 STATE = "state"
@@ -108,10 +110,7 @@ def save(path, state, *, keep: int = 2) -> Path:
       ValueError: ``keep`` is less than 1.
       TypeError: ``keep`` is not an int.
     """
-    if isinstance(keep, bool) or not isinstance(keep, int):
-        raise TypeError(f"keep must be an int; got {keep!r} ({type(keep).__name__})")
-    if keep < 1:
-        raise ValueError(f"keep={keep} must be at least 1, the version just written")
+    v.check_int("keep", keep, low=1, what="versions kept, the one just written included")
     import orbax.checkpoint as ocp
 
     path = Path(path).absolute()

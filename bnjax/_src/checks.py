@@ -42,7 +42,7 @@ NEVER_UPDATED = (
 )
 NONFINITE_INPUT = (
     "BatchNorm.apply got x with {bad} non-finite (NaN or Inf) element(s) among those counted "
-    "in the batch statistics; the output is not finite and the batch is not folded into the "
+    "in the batch statistics; the output is not finite and the batch is not averaged into the "
     "running statistics (skip_nonfinite=True) or poisons them (skip_nonfinite=False)."
 )
 BAD_RUNNING_VAR = (
@@ -59,7 +59,7 @@ UNREPRESENTABLE = (
     "BatchNorm.apply: {bad} feature(s) of this batch have a mean or variance beyond the range "
     "of the running statistics' dtype (a float32 variance overflows above about "
     "3e38, for data spread beyond about 1e19). The output is normalized exactly, but the "
-    "batch is not folded into the running statistics. Scale the input down, or keep the "
+    "batch is not averaged into the running statistics. Scale the input down, or keep the "
     "state in float64."
 )
 
@@ -69,7 +69,7 @@ def _count(condition) -> jnp.ndarray:
 
 
 def check_state(state, *, training: bool, update_stats: bool) -> None:
-    """Checks the running statistics that ``apply`` is about to use or fold into.
+    """Checks the running statistics that ``apply`` is about to use or update.
 
     ``training=False, update_stats=True`` on a count-0 state is recalibration, the way to
     estimate statistics without using batch statistics, so it passes the count check.
@@ -112,7 +112,7 @@ def check_update(state, moments) -> None:
 
     Args:
       state: the ``BatchNormState`` given to ``apply``.
-      moments: the batch ``Moments`` about to be folded in (any leading chunk axis).
+      moments: the batch ``Moments`` about to be averaged in (any leading chunk axis).
     """
     dtype = jnp.result_type(state.var)
     big = jnp.finfo(dtype).max

@@ -197,7 +197,7 @@ def run(core, scale, bias, stats: Stats, x, *, training, update_stats, mask):
       stats: the stored running statistics (count None when not stored).
       x: the input, any shape with the feature axes of ``core.axis``.
       training: normalize with batch statistics (True) or the running ones.
-      update_stats: fold this batch into the running statistics.
+      update_stats: average this batch into the running statistics.
       mask: None, or an array-like broadcastable to ``x`` (see :func:`broadcast_mask`).
 
     Returns:

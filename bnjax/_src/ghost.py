@@ -9,7 +9,7 @@ been its own training step: ``state.count`` grows by the number of chunks. Infer
 The chunks are a ``jax.vmap`` of the ordinary training pass over a ``(chunks, k, ...)``
 view of ``x``, so masks, batch renormalization, ``axis_name`` (chunk ``i`` of every device
 is combined) and the closed-form gradient all carry over unchanged; the running
-statistics take the stacked chunk moments with a ``lax.scan`` of :func:`averaging.fold`.
+state takes the stacked chunk moments in order, with a ``lax.scan`` (:func:`in_order`).
 The chunks of one call are normalized in parallel, so with batch renormalization each
 corrects towards the running statistics from before the call (as the devices of one
 data-parallel step do), not towards those left by the chunks before it.
@@ -20,8 +20,8 @@ from __future__ import annotations
 import jax
 from jax import lax
 
-from bnjax._src.averaging import fold
-from bnjax._src.normalize import train_normalize, vary_like
+from bnjax._src.normalize import train_normalize
+from bnjax._src.sharding import vary_like
 
 
 def check_batch(virtual_batch_size: int, x_shape, reduce_axes) -> int:
@@ -51,15 +51,14 @@ def _chunked(a, n):
     return a.reshape((n, a.shape[0] // n) + a.shape[1:])
 
 
-def ghost_normalize(virtual_batch_size, spec, x, scale, bias, mask, fb_mean, fb_var, clip):
+def ghost_normalize(spec, x, affine, mask, running, limits, *, virtual_batch_size: int):
     """Normalizes every chunk of ``virtual_batch_size`` rows of ``x`` with its own statistics.
 
     Args:
-      virtual_batch_size: rows per chunk; must divide ``x.shape[0]``.
-      spec, scale, bias, fb_mean, fb_var, clip: as for
-        :func:`normalize.train_normalize` (``fb_*`` are the running statistics).
+      spec, affine, running, limits: as for :func:`normalize.train_normalize`.
       x: the input, batch on axis 0.
       mask: None, or a bool mask shaped by ``expand_mask`` (axis 0 of size 1 or the batch).
+      virtual_batch_size: rows per chunk; must divide ``x.shape[0]``.
 
     Returns:
       ``(y, moments)``: ``y`` of the shape of ``x``, and :class:`Moments` stacked over the
@@ -73,28 +72,29 @@ def ghost_normalize(virtual_batch_size, spec, x, scale, bias, mask, fb_mean, fb_
     spec = spec._replace(statistics="branchless")
 
     def one(xc, mc):
-        return train_normalize(spec, xc, scale, bias, mc, fb_mean, fb_var, clip)
+        return train_normalize(spec, xc, affine, mc, running, limits)
 
     y, moments = jax.vmap(one, in_axes=(0, mask_axis))(_chunked(x, n), chunk_mask)
     return y.reshape(x.shape), moments
 
 
-def fold_chunks(state, moments, **fold_kwargs):
-    """Folds stacked chunk moments into ``state`` one chunk after another.
+def in_order(update, state, moments):
+    """Applies ``update(state, chunk_moments)`` for one chunk after another.
 
     Args:
-      state: the ``BatchNormState`` before this call.
+      update: the update of ``state`` by one batch's :class:`Moments` (a running average
+        or a population accumulator).
+      state: the state before this call.
       moments: :class:`Moments` with a leading chunk axis, from :func:`ghost_normalize`.
-      **fold_kwargs: the keyword arguments of :func:`averaging.fold`.
 
     Returns:
-      The new state; each usable chunk adds one to ``count``.
+      The state after every chunk, as if each had been its own call.
     """
     # Under shard_map without axis_name the moments are per-device: so is the carry.
     state = jax.tree.map(lambda leaf: vary_like(leaf, moments.var), state)
 
     def step(carry, chunk):
-        return fold(carry, chunk, **fold_kwargs), None
+        return update(carry, chunk), None
 
     state, _ = lax.scan(step, state, moments)
     return state

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bnjax._src import validation as v
 from bnjax._src.interop import as_array, as_count, optional
 from bnjax._src.presets import haiku_channel_index
 from bnjax._src.types import BatchNormParams, BatchNormState
@@ -151,8 +152,7 @@ def to_haiku(
       ValueError: ``ndim`` is not a positive int, or the feature shape does not fit the
         kept axes of that layout.
     """
-    if isinstance(ndim, bool) or not isinstance(ndim, int) or ndim < 1:
-        raise ValueError(f"ndim={ndim!r} is not a rank; expected the input's ndim, >= 1")
+    v.check_int("ndim", ndim, low=1, what="the input's rank, x.ndim")
     kept = _haiku_kept_axes(data_format, axis, ndim, "x")
     feature = tuple(np.shape(state.mean))
     if len(kept) != len(feature):

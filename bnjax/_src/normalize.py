@@ -26,6 +26,7 @@ from bnjax._src.moments import (
     well_conditioned,
 )
 from bnjax._src.reduction import Reduction
+from bnjax._src.types import Affine, Running
 
 
 class Spec(NamedTuple):
@@ -61,7 +62,7 @@ def per_feature(*vectors):
 def rounded_shift(pivot, delta):
     """The mean ``pivot + delta`` rounded, and the residual ``(pivot + delta) - mean``.
 
-    The elementwise passes subtract the rounded mean (exact for elements near it) and fold
+    The elementwise passes subtract the rounded mean (exact for elements near it) and move
     the residual, a fraction of a rounding unit of the mean, into their per-feature
     offsets, where it costs nothing per element and loses nothing on offset data.
     """
@@ -69,7 +70,7 @@ def rounded_shift(pivot, delta):
     return mean, (pivot - mean) + delta
 
 
-def affine(x, shift, delta, a, b, out_dtype):
+def affine_pass(x, shift, delta, a, b, out_dtype):
     """``((x - shift) - delta) * a + b`` in the accumulation dtype, cast to ``out_dtype``.
 
     ``shift``, ``delta``, ``a`` and ``b`` are per-feature, in keep-dims shape and in the
@@ -100,37 +101,6 @@ def multiplier(scale, inv, acc):
     return inv if scale is None else inv * scale.astype(acc)
 
 
-def _vma(a) -> frozenset:
-    """The manual mesh axes that ``a`` varies over (empty outside ``shard_map``)."""
-    aval = jax.typeof(a)
-    mat = getattr(aval, "manual_axis_type", None)  # JAX >= 0.9
-    if mat is not None:
-        return frozenset(mat.varying)
-    return frozenset(getattr(aval, "vma", None) or ())  # JAX 0.6 - 0.8
-
-
-def vary_like(leaf, like):
-    """Marks ``leaf`` as varying over the manual mesh axes that ``like`` varies over.
-
-    Inside ``shard_map`` the parameters are replicated while ``x`` varies per device. The
-    gradient rule returns per-device parameter cotangents; declaring the parameters varying
-    on the way in makes JAX sum those cotangents over devices on the way out, exactly as it
-    does for any replicated value used with a per-device one.
-    """
-    if leaf is None:
-        return None
-    missing = tuple(sorted(_vma(like) - _vma(leaf), key=str))
-    if not missing:
-        return leaf
-    if hasattr(lax, "pcast"):
-        return lax.pcast(leaf, missing, to="varying")
-    return lax.pvary(leaf, missing)  # older JAX
-
-
-def _keep(leaf, shape):
-    return None if leaf is None else jnp.reshape(leaf, shape)
-
-
 def inverse_std(mom, epsilon):
     """Per-feature ``1 / sqrt(var + epsilon)``, computed in the moments' units.
 
@@ -142,40 +112,42 @@ def inverse_std(mom, epsilon):
     return lax.rsqrt(mom.scaled_var + eps) * inv_unit
 
 
-def _forward(spec: Spec, x, scale, bias, mask, fallback_mean, fallback_var, clip=None):
+def _forward(spec: Spec, x, affine: Affine, mask, running: Running, limits=None):
     acc = accumulation_dtype(x.dtype)
-    keep = fallback_mean.shape
     mom = batch_moments(x, spec.reduction(mask), statistics=spec.statistics)
     # A feature with nothing counted has no batch statistics: it uses the running ones.
     counted = mom.count > 0
     mom = mom._replace(
-        pivot=jnp.where(counted, mom.pivot, fallback_mean.astype(acc)),
+        pivot=jnp.where(counted, mom.pivot, running.mean.astype(acc)),
         delta=jnp.where(counted, mom.delta, 0),
-        scaled_var=jnp.where(counted, mom.scaled_var, fallback_var.astype(acc)),
+        scaled_var=jnp.where(counted, mom.scaled_var, running.var.astype(acc)),
         unit=jnp.where(counted, mom.unit, 1),
     )
     inv = inverse_std(mom, spec.epsilon)
-    scale, bias, rd = _keep(scale, keep), _keep(bias, keep), None
-    if clip is not None:  # batch renormalization: corrected per-feature coefficients
-        rd = renorm.corrections(mom, mom.var, fallback_mean, fallback_var, spec.epsilon, clip)
-        scale, bias = renorm.corrected_affine(scale, bias, *rd)
+    keep = running.mean.shape
+    affine = Affine(*(None if p is None else jnp.reshape(p, keep) for p in affine))
+    corrections = None
+    if limits is not None:  # batch renormalization: corrected per-feature coefficients
+        corrections = renorm.corrections(mom, running, spec.epsilon, limits)
+        affine = renorm.corrected_affine(affine, *corrections)
+    scale, bias = affine
     b = None if bias is None else bias.astype(acc)
-    y = affine(x, mom.pivot, mom.delta, multiplier(scale, inv, acc), b, spec.out_dtype)
-    return y, mom, inv, rd
+    y = affine_pass(x, mom.pivot, mom.delta, multiplier(scale, inv, acc), b, spec.out_dtype)
+    return y, mom, inv, corrections
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def train_normalize(spec: Spec, x, scale, bias, mask, fallback_mean, fallback_var, clip=None):
+def train_normalize(spec: Spec, x, affine: Affine, mask, running: Running, limits=None):
     """Normalizes ``x`` with its own batch statistics.
 
     Args:
       spec: static settings.
       x: the input.
-      scale, bias: per-feature parameters in feature shape, or None.
+      affine: the per-feature :class:`Affine` parameters in feature shape (either None).
       mask: None or a bool mask shaped by ``expand_mask``.
-      fallback_mean, fallback_var: running statistics in keep-dims shape; the mean is the shift
-        of the moment sums; both serve features with no counted element. They get no gradient.
-      clip: None, or ``(rmax, dmax)`` scalars for batch renormalization (``renorm.py``):
+      running: the :class:`Running` statistics in keep-dims shape; they serve features with
+        no counted element and batch renormalization, and get no gradient.
+      limits: None, or ``(rmax, dmax)`` scalars for batch renormalization (``renorm.py``):
         the output becomes ``xhat * (r * scale) + (d * scale + bias)``, ``r`` and ``d``
         without gradient.
 
@@ -183,13 +155,13 @@ def train_normalize(spec: Spec, x, scale, bias, mask, fallback_mean, fallback_va
       ``(y, moments)``: the output in ``spec.out_dtype`` and the batch :class:`Moments`.
       The moments are statistics for the running average and carry no gradient.
     """
-    y, mom, _, _ = _forward(spec, x, scale, bias, mask, fallback_mean, fallback_var, clip)
+    y, mom, _, _ = _forward(spec, x, affine, mask, running, limits)
     return y, mom
 
 
-def _train_fwd(spec, x, scale, bias, mask, fallback_mean, fallback_var, clip=None):
-    y, mom, inv, rd = _forward(spec, x, scale, bias, mask, fallback_mean, fallback_var, clip)
-    return (y, mom), (x, scale, bias, mask, mom, inv, rd)
+def _train_fwd(spec, x, affine, mask, running, limits=None):
+    y, mom, inv, corrections = _forward(spec, x, affine, mask, running, limits)
+    return (y, mom), (x, affine, mask, mom, inv, corrections)
 
 
 def _sum_g_xhat(spec, x, g, mask, *, mom, inv, g_sum):
@@ -243,14 +215,15 @@ def plain_sum(spec, x, g, mom, inv, g_sum):
 
 
 def _train_bwd(spec, res, cotangents):
-    x, scale, bias, mask, mom, inv, rd = res
+    x, (scale, bias), mask, mom, inv, corrections = res
     g = cotangents[0]
     acc = accumulation_dtype(x.dtype)
     axes = spec.reduce_axes
     g = g.astype(acc)
     g_sum = jnp.sum(lax.optimization_barrier(cotangents[0]).astype(acc), axis=axes, keepdims=True)
     gx_sum = _sum_g_xhat(spec, x, cotangents[0], mask, mom=mom, inv=inv, g_sum=g_sum)
-    scale_sum = gx_sum if rd is None else gx_sum * rd[0] + g_sum * rd[1]
+    r, d = (None, None) if corrections is None else corrections
+    scale_sum = gx_sum if r is None else gx_sum * r + g_sum * d
     d_scale = None if scale is None else jnp.reshape(scale_sum, scale.shape).astype(scale.dtype)
     d_bias = None if bias is None else jnp.reshape(g_sum, bias.shape).astype(bias.dtype)
     if spec.axis_name is not None:
@@ -259,8 +232,8 @@ def _train_bwd(spec, res, cotangents):
         )
     safe = jnp.maximum(mom.count, 1)
     k = inv if scale is None else inv * jnp.reshape(scale, inv.shape).astype(acc)
-    if rd is not None:
-        k = k * rd[0]
+    if r is not None:
+        k = k * r
     slope = inv * (gx_sum / safe)
     shift, residual = rounded_shift(mom.pivot, mom.delta)
     k, mean_g, slope, shift = per_feature(k, g_sum / safe - residual * slope, slope, shift)
@@ -268,7 +241,7 @@ def _train_bwd(spec, res, cotangents):
     if mask is not None:
         through_stats = jnp.where(mask, through_stats, 0)
     dx = (k * (g - through_stats)).astype(x.dtype)
-    return dx, d_scale, d_bias, None, None, None, None
+    return dx, Affine(d_scale, d_bias), None, None, None
 
 
 train_normalize.defvjp(_train_fwd, _train_bwd)

@@ -14,7 +14,6 @@ a bad argument is reported under the framework's name for it:
 
 from __future__ import annotations
 
-import numbers
 import re
 from collections.abc import Sequence
 
@@ -32,14 +31,6 @@ _TF1_FUSED_MIN_EPSILON = 1.001e-5
 # ``hk.get_channel_index``: the data formats Haiku accepts and their channel axis.
 _HAIKU_CHANNELS_FIRST = re.compile(r"^NC[^C]*$")
 _HAIKU_CHANNELS_LAST = re.compile(r"^N[^C]*C$|^((BT)|(TB))[^D]*D$")
-
-
-def _check_ndim(ndim) -> None:
-    """``ndim``: None (unknown) or the input's rank, a positive int."""
-    if ndim is not None and (isinstance(ndim, bool) or not isinstance(ndim, numbers.Integral)):
-        raise TypeError(f"ndim must be None or an int (the input's rank, x.ndim); got {ndim!r}")
-    if ndim is not None and ndim < 1:
-        raise ValueError(f"ndim={ndim!r} is out of range; expected the input's rank, >= 1")
 
 
 def haiku_channel_index(data_format) -> int:
@@ -191,7 +182,7 @@ def tf1(
     """
     if fused is not None:
         v.check_bool("fused", fused)
-    _check_ndim(ndim)
+    v.check_int("ndim", ndim, low=1, allow_none=True, what="the input's rank, x.ndim")
     v.check_number("epsilon", epsilon, low=0.0)
     uses_fused = _tf1_uses_fused(v.as_axes(axis), fused, ndim)
     return BatchNorm(

@@ -19,38 +19,23 @@ batches later, linearly.
 
 from __future__ import annotations
 
-import numbers
-
 import jax.numpy as jnp
 from jax import lax
 
-
-def check_count(name: str, value, *, low: int = 0, allow_none: bool = False) -> None:
-    """Checks a Python int (not a bool) of at least ``low``.
-
-    Raises:
-      TypeError: ``value`` is not an int.
-      ValueError: ``value`` is smaller than ``low``.
-    """
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int; got {value!r} ({type(value).__name__})")
-    if value < low:
-        raise ValueError(f"{name}={value!r} is out of range; expected an int >= {low}")
+from bnjax._src.types import Affine
 
 
-def limits(rmax: float, dmax: float, ramp_start: int, ramp_steps: int, count, dtype):
+def limits(count, dtype, *, rmax: float, dmax: float, ramp_start: int, ramp_steps: int):
     """The clipping limits ``(rmax_t, dmax_t)`` after ``count`` batches, as scalars.
 
     Args:
+      count: int scalar, ``state.count``.
+      dtype: dtype of the returned scalars.
       rmax: final limit of ``r`` (at least 1).
       dmax: final limit of ``d`` (at least 0).
       ramp_start: number of batches during which the limits are 1 and 0.
       ramp_steps: number of batches over which they then grow linearly to ``rmax`` and
         ``dmax``; 0 means they jump at ``ramp_start``.
-      count: int scalar, ``state.count``.
-      dtype: dtype of the returned scalars.
 
     Returns:
       ``(rmax_t, dmax_t)``, two scalars of ``dtype``.
@@ -66,34 +51,35 @@ def limits(rmax: float, dmax: float, ramp_start: int, ramp_steps: int, count, dt
     return one + frac * jnp.asarray(rmax - 1.0, dtype), frac * jnp.asarray(dmax, dtype)
 
 
-def corrections(mom, var, fallback_mean, fallback_var, epsilon: float, clip):
+def corrections(mom, running, epsilon: float, limits):
     """The per-feature ``r`` and ``d`` of one batch, in keep-dims shape, without gradient.
 
     Args:
       mom: the batch :class:`Moments` (keep-dims shape).
-      var: the batch variance actually used to normalize (keep-dims shape).
-      fallback_mean, fallback_var: the running mean and variance, keep-dims shape.
+      running: the :class:`Running` statistics (keep-dims shape).
       epsilon: the variance epsilon.
-      clip: ``(rmax_t, dmax_t)`` from :func:`limits`.
+      limits: ``(rmax_t, dmax_t)`` from :func:`limits`.
 
     Returns:
-      ``(r, d)`` in the dtype of ``var``.
+      ``(r, d)`` in the dtype of the batch variance.
     """
+    var = mom.var
     acc = var.dtype
-    rmax, dmax = (jnp.asarray(c, acc) for c in clip)
+    rmax, dmax = (jnp.asarray(c, acc) for c in limits)
     eps = jnp.asarray(epsilon, acc)
-    run_var = fallback_var.astype(acc) + eps
+    run_var = running.var.astype(acc) + eps
     r = jnp.sqrt((var + eps) / run_var)
     r = jnp.clip(r, 1 / rmax, rmax)
-    offset = (mom.pivot - fallback_mean.astype(acc)) + mom.delta
+    offset = (mom.pivot - running.mean.astype(acc)) + mom.delta
     d = jnp.clip(offset * lax.rsqrt(run_var), -dmax, dmax)
     return lax.stop_gradient(r), lax.stop_gradient(d)
 
 
-def corrected_affine(scale, bias, r, d):
-    """``(r * scale, d * scale + bias)``; ``scale`` or ``bias`` may be None (1 and 0)."""
+def corrected_affine(affine: Affine, r, d) -> Affine:
+    """``Affine(r * scale, d * scale + bias)``; ``scale`` or ``bias`` may be None (1 and 0)."""
+    scale, bias = affine
     new_scale = r if scale is None else r * scale.astype(r.dtype)
     new_bias = d if scale is None else d * scale.astype(d.dtype)
     if bias is not None:
         new_bias = new_bias + bias.astype(d.dtype)
-    return new_scale, new_bias
+    return Affine(new_scale, new_bias)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 
 
 class BatchNormParams(NamedTuple):
@@ -25,7 +26,7 @@ class BatchNormState(NamedTuple):
     Attributes:
       mean: running mean, of the feature shape.
       var: running variance, of the feature shape.
-      count: int32 scalar, the number of batches folded into ``mean`` and ``var``.
+      count: int32 scalar, the number of batches averaged into ``mean`` and ``var``.
     """
 
     mean: jax.Array
@@ -68,3 +69,27 @@ class Moments(NamedTuple):
     def var(self) -> jax.Array:
         """The biased variance; infinite where it exceeds the dtype's range."""
         return self.scaled_var * self.unit * self.unit
+
+
+class Running(NamedTuple):
+    """The running statistics as the training pass reads them, in keep-dims shape.
+
+    They serve the features that count no element in a batch, and batch renormalization
+    corrects towards them. They carry no gradient.
+    """
+
+    mean: jax.Array
+    var: jax.Array
+
+
+class Affine(NamedTuple):
+    """The per-feature affine parameters of one pass; either may be None (1 and 0)."""
+
+    scale: jax.Array | None
+    bias: jax.Array | None
+
+
+def all_or_nothing(ok, new, old):
+    """The pytree ``new`` where the scalar ``ok`` holds, else ``old``: a state update
+    that either happens whole or leaves every leaf as it was."""
+    return jax.tree.map(lambda a, b: jnp.where(ok, a, b).astype(b.dtype), new, old)

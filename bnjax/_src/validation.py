@@ -34,6 +34,32 @@ def check_number(name: str, value, *, low=None, high=None, allow_none=False) -> 
         raise ValueError(f"{name}={value!r} is out of range; expected a value in [{lo}, {hi}]")
 
 
+def check_int(name: str, value, *, low: int = 0, allow_none: bool = False, what: str = "") -> None:
+    """Checks a Python or numpy int (not a bool) of at least ``low``.
+
+    Args:
+      name: the argument's name, for the message.
+      value: the value to check.
+      low: the smallest value allowed.
+      allow_none: accept None.
+      what: what the int means, added to the messages (``"the input's rank, x.ndim"``).
+
+    Raises:
+      TypeError: ``value`` is not an int.
+      ValueError: ``value`` is smaller than ``low``.
+    """
+    if value is None and allow_none:
+        return
+    meaning = f" ({what})" if what else ""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        none = "None or " if allow_none else ""
+        raise TypeError(
+            f"{name} must be {none}an int{meaning}; got {value!r} ({type(value).__name__})"
+        )
+    if value < low:
+        raise ValueError(f"{name}={value!r} is out of range; expected an int >= {low}{meaning}")
+
+
 def check_bool(name: str, value) -> None:
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a Python bool; got {value!r} ({type(value).__name__})")

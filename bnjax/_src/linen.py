@@ -1,0 +1,182 @@
+"""``bnjax.linen.BatchNorm``: a drop-in replacement for ``flax.linen.BatchNorm``.
+
+Swap one line and keep the model, the checkpoints and the training loop::
+
+    import bnjax.linen
+    norm = bnjax.linen.BatchNorm(use_running_average=not train, momentum=0.9)
+
+The variables are Flax's (``params/{scale,bias}``, ``batch_stats/{mean,var}``, same
+shapes and dtypes), so Flax's own variables load and run unchanged. The numbers are
+bnjax's: exact variance on offset data, statistics reduced in at least float32, exact
+cross-device statistics with ``axis_name`` (counts and sums, not a mean of means), and the
+closed-form gradient. All maths goes through :meth:`bnjax.BatchNorm.apply`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+from jax.nn import initializers
+
+from bnjax._src import flax_common as common
+from bnjax._src import validation as v
+
+_D = common.extra_defaults()
+
+
+class BatchNorm(nn.Module):
+    """Batch normalization with Flax linen's interface and variables, and bnjax's numerics.
+
+    Accepts every attribute and call argument of ``flax.linen.BatchNorm`` with the same
+    meaning and default, plus bnjax's options. ``use_fast_variance`` and
+    ``force_float32_reductions`` are accepted for compatibility and do not change the
+    numbers: bnjax's variance is always the exact two-pass one (the fast
+    ``E[x^2] - E[x]^2`` loses everything on data whose mean is large against its spread),
+    and statistics are always reduced in at least float32. ``force_float32_reductions=False``
+    still stores ``batch_stats`` in ``param_dtype``, as Flax does.
+
+    The batch count is stored as ``batch_stats/count`` only when a setting reads it
+    (``averaging="debiased"`` or ``"cumulative"``, ``renorm``, ``checks``). Variables
+    without it (Flax's own) count as 0 batches: with ``"debiased"`` the next training
+    batch replaces the stored statistics, with ``"cumulative"`` it starts a new mean. With
+    ``checks=True``, inference on statistics without a count (or with a count of 0) reports
+    them as never updated only when they are still exactly at init (mean 0, var 1).
+
+    Attributes:
+      use_running_average: True normalizes with ``batch_stats``; False with the batch's
+        statistics (and updates ``batch_stats``). May be given here or at call time.
+      axis: feature axis or tuple of axes; every other axis is reduced.
+      momentum: decay of the old running value.
+      epsilon: added to the variance.
+      dtype: output dtype; None gives the promotion of the input and parameter dtypes.
+      param_dtype: dtype of ``scale`` and ``bias``.
+      use_bias, use_scale: learn ``bias`` / ``scale``.
+      bias_init, scale_init: initializers ``(key, shape, dtype)``.
+      axis_name: named axis over which batch statistics combine (ignored while
+        initializing, as in Flax).
+      axis_index_groups: groups of ``axis_name`` indices.
+      use_fast_variance, force_float32_reductions: accepted; see above.
+      averaging, running_var, skip_nonfinite, checks, renorm, renorm_rmax, renorm_dmax,
+        renorm_ramp_start, renorm_ramp_steps, virtual_batch_size, statistics: bnjax's
+        options; see :class:`bnjax.BatchNorm`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, bnjax.linen
+      >>> bn = bnjax.linen.BatchNorm(use_running_average=False)
+      >>> x = jnp.arange(12.0).reshape(4, 3)
+      >>> variables = bn.init(jax.random.key(0), x)
+      >>> y, updates = bn.apply(variables, x, mutable=["batch_stats"])
+      >>> sorted(updates["batch_stats"])
+      ['mean', 'var']
+    """
+
+    use_running_average: bool | None = None
+    axis: int | tuple[int, ...] = -1
+    momentum: float = 0.99
+    epsilon: float = 1e-5
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Any = initializers.zeros
+    scale_init: Any = initializers.ones
+    axis_name: Any = None
+    axis_index_groups: Any = None
+    use_fast_variance: bool = True
+    force_float32_reductions: bool = True
+    averaging: str = _D["averaging"]
+    running_var: str = _D["running_var"]
+    skip_nonfinite: bool = _D["skip_nonfinite"]
+    checks: bool = _D["checks"]
+    renorm: bool = _D["renorm"]
+    renorm_rmax: float = _D["renorm_rmax"]
+    renorm_dmax: float = _D["renorm_dmax"]
+    renorm_ramp_start: int = _D["renorm_ramp_start"]
+    renorm_ramp_steps: int = _D["renorm_ramp_steps"]
+    virtual_batch_size: int | None = _D["virtual_batch_size"]
+    statistics: str = _D["statistics"]
+
+    def __post_init__(self):
+        common.check_module(self)
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x, use_running_average=None, *, mask=None, update_stats=None):
+        """Normalizes ``x``; in training, updates ``batch_stats`` (which must be mutable).
+
+        Args:
+          x: array of any shape with the feature axes of ``axis``; integer and bool
+            inputs are normalized in float32, as in Flax.
+          use_running_average: as the attribute; exactly one of the two must be set.
+          mask: optional array broadcastable to ``x`` under numpy's rules, as in Flax
+            (trailing dimensions aligned: for ``x`` of shape ``(N, C)`` use ``(N, 1)``,
+            not ``(N,)``); False (zero) entries are left out of the statistics.
+          update_stats: bnjax's option: average this batch into ``batch_stats``; defaults to
+            ``not use_running_average``. ``use_running_average=False, update_stats=False``
+            normalizes with the batch's statistics and needs no mutable collection.
+
+        Returns:
+          The normalized ``x``, same shape, dtype ``dtype`` or the promotion of the input
+          and parameter dtypes.
+
+        Raises:
+          TypeError: ``x`` is complex or not an array, or a mode argument is not a bool.
+          ValueError: ``mask`` does not broadcast to ``x``, or the axes or variables do
+            not fit ``x``.
+        """
+        use_running_average = nn.merge_param(
+            "use_running_average", self.use_running_average, use_running_average
+        )
+        v.check_training("use_running_average", use_running_average)
+        if update_stats is not None:
+            v.check_training("update_stats", update_stats)
+        initializing = self.is_initializing()
+        core = common.core_config(self)
+        feat = core.feature_shape(jnp.shape(x))
+        mean, var, count = _stat_variables(self, feat, common.needs_count(core))
+        pd = self.param_dtype
+        scale = self.param("scale", self.scale_init, feat, pd) if self.use_scale else None
+        bias = self.param("bias", self.bias_init, feat, pd) if self.use_bias else None
+        training = not use_running_average
+        update = training if update_stats is None else update_stats
+        update = update and not initializing
+        x = jnp.asarray(x)
+        out_dtype = self.dtype or common.promoted_dtype(x, scale, bias, inexact=True)
+        if jnp.issubdtype(x.dtype, jnp.integer) or x.dtype == jnp.bool_:
+            x = x.astype(jnp.float32)  # as in Flax, integer inputs are normalized in float32
+        v.check_input(x)  # complex inputs are refused
+        core = common.core_config(
+            self,
+            dtype=out_dtype,
+            axis_name=None if initializing else self.axis_name,
+        )
+        stats = common.Stats(mean.value, var.value, None if count is None else count.value)
+        y, new = common.run(
+            core, scale, bias, stats, x, training=training, update_stats=update, mask=mask
+        )
+        if update:
+            mean.value, var.value = new.mean, new.var
+            if count is not None:
+                count.value = new.count
+        return y
+
+
+def _stat_variables(module, feat, with_count):
+    """``batch_stats/{mean,var}`` in Flax's dtypes, and ``count`` when it is needed.
+
+    A count absent from immutable variables (Flax's own) is left absent: None. A plain
+    function, not a method: linen wraps every method and records it as a call, which
+    ``nn.tabulate`` then shows as a layer of its own (and its FLOP count re-runs outside
+    ``setup``/``compact``).
+    """
+    stat_dtype = jnp.float32 if module.force_float32_reductions else module.param_dtype
+    mean = module.variable("batch_stats", "mean", lambda s: jnp.zeros(s, stat_dtype), feat)
+    var = module.variable("batch_stats", "var", lambda s: jnp.ones(s, stat_dtype), feat)
+    count = None
+    if with_count and (
+        module.has_variable("batch_stats", "count") or module.is_mutable_collection("batch_stats")
+    ):
+        count = module.variable("batch_stats", "count", jnp.zeros, (), jnp.int32)
+    return mean, var, count

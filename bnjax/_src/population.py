@@ -1,0 +1,114 @@
+"""The exact population statistics of many batches, merged one batch at a time.
+
+A :class:`PopulationAccumulator` stands in for a layer's ``BatchNormState`` during
+recalibration (``recalibrate.py``): each batch's count, mean and second central moment are
+merged in with Chan's parallel formula, and :func:`finish` turns the result into the
+``BatchNormState`` holding the exact mean and population variance of everything the layer
+saw.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from bnjax._src.types import BatchNormState, Moments, all_or_nothing
+
+
+class PopulationAccumulator(NamedTuple):
+    """Exact moments of everything a layer saw, in feature shape.
+
+    The mean is held as ``pivot + delta`` (``pivot`` the first batch's shift, fixed
+    afterwards), so merging many batches of offset data rounds it once, at the end, not
+    at every batch.
+
+    ``BatchNorm.apply`` takes one in place of a ``BatchNormState``: it normalizes as with
+    ``state`` and merges the batch's moments into the accumulator instead of averaging them.
+
+    Attributes:
+      state: the ``BatchNormState`` being recalibrated (used to normalize when
+        ``training=False``, and kept for a layer that sees no data).
+      count: elements seen, per feature (float).
+      pivot: the per-feature shift of the accumulated mean.
+      delta: the accumulated mean minus ``pivot``.
+      m2: the sum of squared deviations from the mean.
+      batches: int32 scalar, batches merged.
+      ddof: float scalar, 1 for ``running_var="unbiased"`` else 0 (set by ``apply``).
+    """
+
+    state: BatchNormState
+    count: jax.Array
+    pivot: jax.Array
+    delta: jax.Array
+    m2: jax.Array
+    batches: jax.Array
+    ddof: jax.Array
+
+    @property
+    def mean(self) -> jax.Array:
+        """The accumulated mean, ``pivot + delta``."""
+        return self.pivot + self.delta
+
+
+def start(state: BatchNormState) -> PopulationAccumulator:
+    """An empty accumulator for the layer whose running state is ``state``."""
+    zeros = jnp.zeros_like(state.mean)
+    return PopulationAccumulator(
+        state=state,
+        count=zeros,
+        pivot=zeros,
+        delta=zeros,
+        m2=zeros,
+        batches=jnp.zeros((), jnp.int32),
+        ddof=jnp.zeros((), state.mean.dtype),
+    )
+
+
+def finish(population: PopulationAccumulator) -> BatchNormState:
+    """The running state holding the accumulated population mean and variance.
+
+    A layer that merged no batch keeps its original state.
+    """
+    var = population.m2 / jnp.maximum(population.count - population.ddof, 1)
+    old = population.state
+    new = BatchNormState(mean=population.mean, var=var, count=population.batches)
+    return all_or_nothing(population.batches > 0, new, old)
+
+
+def merge(
+    population: PopulationAccumulator, moments: Moments, *, unbiased: bool, skip_nonfinite: bool
+) -> PopulationAccumulator:
+    """Chan's formula: ``population`` with one batch's (count, mean, variance) merged in.
+
+    Args:
+      population: the accumulator so far.
+      moments: the batch's :class:`Moments`, in keep-dims shape.
+      unbiased: the finished variance divides by ``n - 1`` (``running_var="unbiased"``).
+      skip_nonfinite: a batch whose merge is not finite leaves the accumulator unchanged.
+
+    Returns:
+      The new accumulator, or ``population`` itself when some feature counted nothing.
+    """
+    old = population._replace(ddof=jnp.asarray(1.0 if unbiased else 0.0, population.ddof.dtype))
+    shape, dtype = old.delta.shape, old.delta.dtype
+    nb = jnp.broadcast_to(moments.count, moments.var.shape).reshape(shape).astype(dtype)
+    batch_pivot = moments.pivot.reshape(shape).astype(dtype)
+    pivot = jnp.where(old.count > 0, old.pivot, batch_pivot)
+    # Batch mean minus accumulated mean, without ever forming either mean.
+    offset = ((batch_pivot - pivot) + moments.delta.reshape(shape).astype(dtype)) - old.delta
+    n = old.count + nb
+    w = nb / jnp.maximum(n, 1)
+    m2b = moments.var.reshape(shape).astype(dtype) * nb
+    new = old._replace(
+        count=n,
+        pivot=pivot,
+        delta=old.delta + offset * w,
+        m2=old.m2 + m2b + offset * offset * old.count * w,
+        batches=old.batches + 1,
+    )
+    ok = jnp.all(nb > 0)
+    if skip_nonfinite:
+        ok = ok & jnp.all(jnp.isfinite(new.mean)) & jnp.all(jnp.isfinite(new.m2))
+    return all_or_nothing(ok, new, old)
