@@ -24,7 +24,7 @@ import numpy as np
 
 import bnjax
 from bnjax._src.moments import batch_moments
-from bnjax._src.normalize import affine, inverse_std, multiplier
+from bnjax._src.normalize import affine_pass, inverse_std, multiplier
 from bnjax._src.reduction import Reduction
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -78,7 +78,7 @@ def autodiff_train(bn, params, x, axes):
     mom = batch_moments(x, Reduction(axes), statistics=bn.statistics)
     inv = inverse_std(mom, bn.epsilon)
     a = multiplier(params.scale.reshape(keep), inv, jnp.float32)
-    return affine(x, mom.pivot, mom.delta, a, params.bias.reshape(keep), x.dtype)
+    return affine_pass(x, mom.pivot, mom.delta, a, params.bias.reshape(keep), x.dtype)
 
 
 def _time(fns, args, rounds):

@@ -148,7 +148,7 @@ def test_training_two_batches(maybe_jit, layout, fields):
     _assert_y(y, normalize(batches[0], mean, var, bn.epsilon, *p64, axis=axis))
 
 
-MODES = {  # the modes table of DESIGN §3: (training, update_stats) -> (batch stats?, folded?)
+MODES = {  # the README's modes table: (training, update_stats) -> (batch stats?, updated?)
     "train": ((True, None), (True, True)),
     "evaluate": ((False, None), (False, False)),
     "local_stats": ((True, False), (True, False)),

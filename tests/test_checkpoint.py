@@ -79,7 +79,7 @@ def test_versions_keep_the_newest(tmp_path):
     assert sorted(p.name for p in path.iterdir()) == ["000003", "000004"]
     assert_identical(restore(path, make_state(0)), make_state(3))
     assert_identical(restore(path / "000003", make_state(0)), make_state(2))
-    with pytest.raises(ValueError, match="keep=0 must be at least 1"):
+    with pytest.raises(ValueError, match=r"keep=0 is out of range; expected an int >= 1"):
         save(path, make_state(), keep=0)
     with pytest.raises(TypeError, match="keep must be an int"):
         save(path, make_state(), keep="2")

@@ -10,11 +10,16 @@ import jax
 import numpy as np
 import pytest
 
-from bnjax.training import load_config, restore
+from bnjax.training import restore
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 CONFIGS = ROOT / "configs"
+
+
+def load_config(cls, path):
+    """The examples' own config loader (``examples/_config.py``)."""
+    return load_example("_config").load_config(cls, path)
 
 
 def load_example(name: str):

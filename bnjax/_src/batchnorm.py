@@ -167,8 +167,15 @@ class BatchNorm:
             raise TypeError("key is None, but scale_init or bias_init needs a PRNG key")
         k_scale, k_bias = jax.random.split(key) if key is not None else (None, None)
         pd = self.param_dtype
-        scale = _make(self.scale, self.scale_init, k_scale, feat, pd, jnp.ones, "scale_init")
-        bias = _make(self.center, self.bias_init, k_bias, feat, pd, jnp.zeros, "bias_init")
+        scale = bias = None
+        if self.scale:
+            scale = jnp.ones(feat, pd)
+            if self.scale_init is not None:
+                scale = _initial(self.scale_init, k_scale, shape=feat, dtype=pd, name="scale_init")
+        if self.center:
+            bias = jnp.zeros(feat, pd)
+            if self.bias_init is not None:
+                bias = _initial(self.bias_init, k_bias, shape=feat, dtype=pd, name="bias_init")
         sd = accumulation_dtype(pd, *_example_dtype(x_or_shape))
         state = BatchNormState(
             mean=jnp.zeros(feat, sd), var=jnp.ones(feat, sd), count=jnp.zeros((), jnp.int32)
@@ -360,11 +367,8 @@ def _example_dtype(x_or_shape) -> tuple:
     return (jax.dtypes.canonicalize_dtype(dtype),)
 
 
-def _make(enabled, init, key, shape, dtype, default, name):
-    if not enabled:
-        return None
-    if init is None:
-        return default(shape, dtype)
+def _initial(init, key, *, shape, dtype, name):
+    """``init(key, shape, dtype)``, checked to return ``shape``, in ``dtype``."""
     value = jnp.asarray(init(key, shape, dtype))
     if value.shape != shape:
         raise ValueError(f"{name} returned shape {value.shape}; expected {shape}")

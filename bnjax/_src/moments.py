@@ -119,7 +119,7 @@ def unless_vmapped(fn, batched_fn):
 
     A ``lax.cond`` whose predicate is batched runs both branches: under ``vmap`` the checked
     statistics cost the plain sums and the exact passes, the branchless ones only the
-    latter (about half the time on XLA:CPU, measured). Not for functions that use a named
+    latter (benchmarks/RESULTS.md, the vmap ensemble). Not for functions that use a named
     axis: the rule's own ``vmap`` cannot see the outer one's collectives.
     """
     wrapped = custom_batching.custom_vmap(fn)

@@ -50,8 +50,8 @@ def per_feature(*vectors):
     XLA fuses cheap per-feature arithmetic (``scale * inv``, ``bias - mean * a``) into the
     full-size pass that consumes it, repeating it for every element; on a pass bound by
     arithmetic rather than memory (bfloat16 conversions, cache-resident batches) that
-    costs up to 20%. Stacked into one array behind a barrier, the vectors are computed in
-    one small fusion and the pass only reads them.
+    costs time (benchmarks/NOTES.md). Stacked into one array behind a barrier, the
+    vectors are computed in one small fusion and the pass only reads them.
     """
     present = [v for v in vectors if v is not None]
     stacked = lax.optimization_barrier(jnp.stack(present))

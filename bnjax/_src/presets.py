@@ -199,6 +199,7 @@ def flax(
     axis=-1,
     momentum: float = 0.99,
     epsilon: float = 1e-5,
+    *,
     use_bias=True,
     use_scale=True,
     axis_name=None,

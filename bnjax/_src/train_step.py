@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from bnjax._src.normalize import vary_like
+from bnjax._src.sharding import vary_like
 from bnjax._src.train_state import TrainState
 
 
