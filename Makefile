@@ -26,18 +26,21 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
 
-# Mutation testing (not part of CI; see tests/MUTANTS.md): every comparison, arithmetic,
-# boolean and return-value mutant of bnjax/_src, each run against the tests that cover its
-# line, stopping at the first failure. About 2 hours on 2 cores; results are cached in
+# Mutation testing (not part of CI; see tests/MUTANTS.md): first the mutants listed in
+# tests/listed_mutants.py, then every comparison, arithmetic, boolean and return-value
+# mutant of $(MUTANT_TARGETS), each run against the tests that cover its line, stopping
+# at the first failure. About 2 hours on 2 cores; results are cached in
 # .gremlins_cache, so a second run only tests the mutants of changed code.
 # The slow integration tests (examples, the two-process run, the benchmark harness) are
 # left out: each would take most of a mutant's time budget.
+MUTANT_TARGETS ?= bnjax/_src
 MUTANT_TESTS ?= tests --ignore-glob='tests/test_examples_*' --ignore=tests/test_multihost.py \
 	--ignore=tests/test_benchmarks.py
 mutants: $(STAMP)
 	$(BIN)/python -m pip install --quiet "pytest-gremlins==1.12.2"
+	$(BIN)/python tests/listed_mutants.py
 	$(BIN)/python -m pytest -o addopts="" -q -n 2 $(MUTANT_TESTS) \
-	  --gremlins --gremlin-targets=bnjax/_src --gremlin-cache --gremlin-workers=2 \
+	  --gremlins --gremlin-targets=$(MUTANT_TARGETS) --gremlin-cache --gremlin-workers=2 \
 	  --gremlin-mutant-timeout=600 --gremlin-coverage-timeout=7200 \
 	  --gremlin-report=console,json,html
 

@@ -1,6 +1,6 @@
 """Mutants that once slipped through the suite, applied one at a time: each must fail.
 
-``make mutants`` runs this first (a few minutes), then mutmut over ``bnjax/_src`` (hours).
+``make mutants`` runs this first (a few minutes), then pytest-gremlins over ``bnjax/_src``.
 Each entry is a real bug that survived every test before the tests named beside it were
 written: the statistics shifted by nothing, sums not combined across devices, Flax
 wrappers dropping an option, recalibration merging an empty feature, a checkpoint that
@@ -52,14 +52,14 @@ MUTANTS = [
     ),
     (
         "nnx ignores update_stats",
-        "bnjax/nnx.py",
+        "bnjax/_src/nnx.py",
         "update = training if update_stats is None else update_stats",
         "update = training",
         ["tests/test_flax_options.py"],
     ),
     (
         "recalibrate merges a batch with an empty feature",
-        "bnjax/_src/recalibrate.py",
+        "bnjax/_src/population.py",
         "ok = jnp.all(nb > 0)",
         "ok = jnp.all(nb >= 0)",
         ["tests/test_recalibrate.py"],
