@@ -272,3 +272,53 @@ def test_default_keep_is_two(tmp_path):
     for seed in range(3):
         save(path, make_state(seed))  # keep not given
     assert sorted(p.name for p in path.iterdir()) == ["000002", "000003"]
+
+
+def test_structure_mismatch_with_equal_dotted_names_is_not_called_corruption(tmp_path):
+    """``{"a.b": x}`` and ``{"a": {"b": x}}`` have the same dotted leaf name; the keys tell
+    them apart, and the message says the checkpoint is intact (it said "corrupted")."""
+    x = jnp.arange(3.0)
+    save(tmp_path, {"a.b": x})
+    with pytest.raises(ValueError, match="another structure") as info:
+        restore(tmp_path, {"a": {"b": x}})
+    assert "corrupted" not in str(info.value)
+    assert_identical(restore(tmp_path, {"a.b": x}), {"a.b": x})
+
+
+def test_manifest_missing_a_field_is_reported_as_corruption(tmp_path):
+    version = save(tmp_path, make_state(0))
+    manifest = json.loads((version / "manifest.json").read_text())
+    del manifest["leaves"][1]["dtype"]
+    (version / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"corrupted: manifest.json entry 1 lacks \['dtype'\]"):
+        restore(tmp_path, make_state(0))
+
+
+def test_zero_size_leaf_is_refused_by_name_and_leaves_nothing_behind(tmp_path):
+    state = {"w": jnp.ones(3), "empty": jnp.zeros((0, 4))}
+    with pytest.raises(ValueError, match=r"leaf 'empty' has shape \(0, 4\)"):
+        save(tmp_path, state)
+    assert [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_reader_retries_a_version_retired_while_it_reads(tmp_path, monkeypatch):
+    """With ``keep=1`` a writer removes the version a reader has just picked; the reader
+    reads the newest one instead of reporting corruption."""
+    from bnjax._src import checkpoint
+
+    save(tmp_path, make_state(0), keep=1)
+    real = checkpoint._read_arrays
+    calls = []
+
+    def racing(version, like):
+        if not calls:  # the writer saves and retires this version mid-read
+            calls.append(version)
+            save(tmp_path, make_state(1), keep=1)
+        return real(version, like)
+
+    monkeypatch.setattr(checkpoint, "_read_arrays", racing)
+    assert_identical(restore(tmp_path, make_state(0)), make_state(1))
+    assert len(calls) == 1
+    # A version given by path is not retried: its damage is reported.
+    with pytest.raises((ValueError, OSError)):
+        restore(calls[0], make_state(0))

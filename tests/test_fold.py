@@ -122,3 +122,25 @@ def test_shape_errors():
     multi = bnjax.BatchNorm(axis=(1, 2))
     with pytest.raises(ValueError, match="several axes"):
         bnjax.fold_into_conv(multi, params, state, jnp.ones((3, 3, 2, 4)))
+
+
+def test_integer_bias_and_kernel_fold_into_floats(maybe_jit):
+    """``jnp.arange(3)`` as the Dense bias gave an int32 folded bias ([-2, 0, 0])."""
+    bn = bnjax.BatchNorm(epsilon=1e-3)
+    params = bnjax.BatchNormParams(
+        scale=jnp.array([1.5, 0.5, 2.0]), bias=jnp.array([0.1, 0.2, 0.3])
+    )
+    state = bnjax.BatchNormState(
+        mean=jnp.array([2.0, -1.0, 0.5]), var=jnp.array([1.2, 2.5, 0.7]), count=jnp.array(3)
+    )
+    kernel = jnp.arange(6).reshape(2, 3)
+    x = np.array([[0.5, -1.0], [2.0, 3.0]])
+    for k, b in ((kernel.astype(jnp.float32), jnp.arange(3)), (kernel, jnp.arange(3.0))):
+        new_k, new_b = maybe_jit(bnjax.fold_into_dense, static_argnums=0)(bn, params, state, k, b)
+        assert new_k.dtype == jnp.float32 and new_b.dtype == jnp.float32
+        ref = (
+            x @ np.asarray(kernel, np.float64) + np.arange(3) - np.asarray(state.mean)
+        ) / np.sqrt(np.asarray(state.var, np.float64) + 1e-3) * np.asarray(
+            params.scale
+        ) + np.asarray(params.bias)
+        np.testing.assert_allclose(x @ np.asarray(new_k) + np.asarray(new_b), ref, rtol=1e-5)

@@ -337,3 +337,49 @@ def test_torch_count_beyond_int32_saturates_and_a_negative_one_is_refused():
     assert int(interop.from_torch(sd)[1].count) == 2**31 - 1
     with pytest.raises(ValueError, match="num_batches_tracked must be >= 0"):
         interop.from_torch({**sd, "num_batches_tracked": np.int64(-1)})
+
+
+def test_from_flax_whole_model_names_the_layers_and_the_call():
+    """A whole model's variables raised ``KeyError: 'mean'``."""
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.BatchNorm(use_running_average=False)(nn.Dense(3)(x))
+            return nn.BatchNorm(use_running_average=False, name="head_bn")(x)
+
+    variables = Net().init(jax.random.key(0), jnp.ones((4, 2)))
+    with pytest.raises(ValueError, match=r"whole model \(BatchNorm layers: \['BatchNorm_0'"):
+        interop.from_flax(variables)
+    with pytest.raises(ValueError, match="'batch_stats'"):
+        interop.from_flax({"params": variables["params"]})
+    layer = {k: v["head_bn"] for k, v in variables.items()}
+    params, state = interop.from_flax(layer)
+    assert state.mean.shape == (3,)
+
+
+def test_core_apply_given_flax_variables_points_to_from_flax():
+    bn = bnjax.BatchNorm()
+    variables = nn.BatchNorm(use_running_average=True).init(jax.random.key(0), jnp.ones((4, 3)))
+    _, state = bn.init((4, 3))
+    with pytest.raises(TypeError, match=r"bnjax.interop.from_flax\(variables\)") as info:
+        bn.apply(variables["params"], state, jnp.ones((4, 3)), training=True)
+    assert "keys ['bias', 'scale']" in str(info.value)
+
+
+@pytest.mark.parametrize("center", ["no", 1, None])
+def test_from_keras_flags_must_be_bools(center):
+    """``center="no"`` failed with "invalid literal for int()"."""
+    weights = [np.ones(3), np.zeros(3), np.zeros(3), np.ones(3)]
+    with pytest.raises(TypeError, match=rf"^center must be a Python bool; got {center!r}"):
+        interop.from_keras(weights, center=center)
+
+
+@pytest.mark.parametrize(
+    "decay_rate, kind", [("x", TypeError), (None, TypeError), (1.5, ValueError), (-0.1, ValueError)]
+)
+def test_to_haiku_refuses_a_decay_rate_outside_0_1(decay_rate, kind):
+    """``decay_rate=1.5`` was accepted (hidden = -2.03), "x" and None gave numpy errors."""
+    params, state = bnjax.BatchNorm().init((4, 3))
+    with pytest.raises(kind, match=r"^decay_rate"):
+        interop.to_haiku(params, state, decay_rate=decay_rate, ndim=2)

@@ -279,3 +279,23 @@ def test_unmasked_axis_name_equals_one_device(mesh, transform, kind, statistics)
     y1, new1 = jax.jit(lambda p, s, x: one.apply(p, s, x, training=True))(params, state, x)
     np.testing.assert_allclose(y, y1, atol=2e-5)
     np.testing.assert_allclose(new.var, new1.var, rtol=1e-5)
+
+
+@pytest.mark.parametrize("where", ["shard_map", "vmap"])
+def test_axis_index_groups_outside_pmap_says_what_to_do(mesh, where):
+    """JAX raised a bare ``NotImplementedError`` with an empty message under shard_map."""
+    groups = [[0, 1, 2, 3], [4, 5, 6, 7]]
+    bn = bnjax.BatchNorm(axis_name="d", axis_index_groups=groups)
+    params, state = bn.init(X)
+
+    def body(x):
+        return bn.apply(params, state, x, training=True)[0]
+
+    if where == "shard_map":
+        run = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("d"), out_specs=P("d")))
+        x = _put(mesh, X, P("d"))
+    else:
+        run = jax.vmap(body, axis_name="d")
+        x = jnp.asarray(X).reshape(DEVICES, PER_DEVICE, 3)
+    with pytest.raises(NotImplementedError, match=r"axis_index_groups=.*only under jax.pmap"):
+        run(x)

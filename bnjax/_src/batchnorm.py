@@ -38,7 +38,9 @@ class BatchNorm:
     Attributes:
       axis: feature axis, or tuple of axes; every other axis is reduced.
       momentum: decay of the old running value, ``r <- momentum*r + (1-momentum)*batch``.
-      epsilon: added to the variance before the square root.
+      epsilon: added to the variance before the square root. 0 is allowed, but a feature
+        whose variance is 0 (a constant feature, or one element per feature) then divides
+        0 by 0: its output is NaN.
       center: learn a bias (beta).
       scale: learn a scale (gamma).
       averaging: ``"ema"``, ``"debiased"`` (zero-debiased EMA) or ``"cumulative"``.

@@ -13,7 +13,8 @@ new version complete. Older versions beyond ``keep`` are then removed, newest ke
 :func:`restore` reads the highest version, checks its manifest against ``like`` (first
 mismatching leaf named), and verifies every restored leaf against its checksum, so a
 corrupted or truncated checkpoint is refused, never loaded as garbage. One process
-writes a given ``path`` at a time.
+writes a given ``path`` at a time; others may restore meanwhile (a version the writer
+retires during a read is read again from the newest).
 """
 
 from __future__ import annotations
@@ -52,7 +53,12 @@ def _describe(tree) -> list[dict]:
     """Path, shape and dtype of every leaf of ``tree``, in flattening order."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     return [
-        {"path": leaf_name(p), "shape": list(np.shape(x)), "dtype": str(_dtype(x))}
+        {
+            "path": leaf_name(p),
+            "key": jax.tree_util.keystr(p),  # tells {"a.b": x} from {"a": {"b": x}}
+            "shape": list(np.shape(x)),
+            "dtype": str(_dtype(x)),
+        }
         for p, x in leaves
     ]
 
@@ -113,6 +119,14 @@ def save(path, state, *, keep: int = 2) -> Path:
     v.check_int("keep", keep, low=1, what="versions kept, the one just written included")
     import orbax.checkpoint as ocp
 
+    leaves = _describe(state)
+    for entry in leaves:
+        if 0 in entry["shape"]:
+            raise ValueError(
+                f"state leaf {entry['path']!r} has shape {tuple(entry['shape'])}, with no "
+                "element; orbax-checkpoint cannot store an empty array. Leave it out of the "
+                "saved pytree (or give it one element)"
+            )
     path = Path(path).absolute()
     path.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(path)
@@ -120,10 +134,13 @@ def save(path, state, *, keep: int = 2) -> Path:
     number = int(existing[-1].name) + 1 if existing else 1
     tmp = path / f".tmp-{number:06d}-{uuid.uuid4().hex}"
     tmp.mkdir()
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(tmp / STATE, state)
-        checkpointer.wait_until_finished()
-    leaves = _describe(state)
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(tmp / STATE, state)
+            checkpointer.wait_until_finished()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written version
+        raise
     for entry, leaf in zip(leaves, jax.tree.leaves(state), strict=True):
         entry["sha256"] = _digest(leaf)
     (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT, "leaves": leaves}, indent=1))
@@ -167,7 +184,23 @@ def restore(path, like):
         (the first mismatching leaf is named), or the checkpoint is corrupted or
         truncated (a missing or unreadable file, or a leaf whose checksum differs).
     """
-    version = _pick_version(Path(path).absolute())
+    path = Path(path).absolute()
+    for attempt in range(_ATTEMPTS):
+        version = _pick_version(path)
+        try:
+            return _restore_version(version, like)
+        except (OSError, ValueError):
+            # A writer with a small ``keep`` may retire this version while it is read: that
+            # is not damage. Read the newest version again.
+            if version == path or version.exists() or attempt == _ATTEMPTS - 1:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+_ATTEMPTS = 5
+
+
+def _restore_version(version: Path, like):
     manifest = _read_manifest(version)
     _compare(manifest["leaves"], _describe(like), version)
     restored = _read_arrays(version, like)
@@ -198,7 +231,20 @@ def _read_manifest(version: Path) -> dict:
         ) from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ValueError(f"checkpoint {version}: {MANIFEST} is not a {FORMAT} manifest")
+    leaves = manifest.get("leaves")
+    if not isinstance(leaves, list):
+        raise ValueError(f"checkpoint {version} is corrupted: {MANIFEST} has no list of leaves")
+    for i, entry in enumerate(leaves):
+        missing = [k for k in _ENTRY_FIELDS if not isinstance(entry, dict) or k not in entry]
+        if missing:
+            raise ValueError(
+                f"checkpoint {version} is corrupted: {MANIFEST} entry {i} lacks {missing}; "
+                f"expected the fields {list(_ENTRY_FIELDS)} of every leaf"
+            )
     return manifest
+
+
+_ENTRY_FIELDS = ("path", "shape", "dtype", "sha256")
 
 
 def _compare(saved: list[dict], wanted: list[dict], version: Path) -> None:
@@ -210,6 +256,12 @@ def _compare(saved: list[dict], wanted: list[dict], version: Path) -> None:
             raise ValueError(
                 f"checkpoint {version} does not match like: leaf {i} is {have['path']!r} in the "
                 f"checkpoint but {want['path']!r} in like (another structure)"
+            )
+        if have is not None and want is not None and have.get("key", want["key"]) != want["key"]:
+            raise ValueError(
+                f"checkpoint {version} does not match like: leaf {i} is {have['key']} in the "
+                f"checkpoint but {want['key']} in like (another structure; the checkpoint "
+                "itself is intact)"
             )
         if have is None or want is None:
             name, where = (want, "like") if have is None else (have, "the checkpoint")

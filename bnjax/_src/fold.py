@@ -52,8 +52,13 @@ def _fold(bn, params, state, kernel, bias, kind: str):
     new_bias = (b - state.mean.astype(acc)) * a
     if bn.center:
         new_bias = new_bias + params.bias.astype(acc)
-    bias_dtype = kernel.dtype if bias is None else jnp.result_type(bias)
-    return (kernel.astype(acc) * a).astype(kernel.dtype), new_bias.astype(bias_dtype)
+    # An integer kernel or bias (``jnp.arange(3)``) folds into floats: cast back to an
+    # integer dtype, the folded values would be truncated.
+    kernel_dtype = kernel.dtype if jnp.issubdtype(kernel.dtype, jnp.inexact) else acc
+    bias_dtype = kernel_dtype if bias is None else jnp.result_type(bias)
+    if not jnp.issubdtype(bias_dtype, jnp.inexact):
+        bias_dtype = kernel_dtype
+    return (kernel.astype(acc) * a).astype(kernel_dtype), new_bias.astype(bias_dtype)
 
 
 def fold_into_dense(bn, params, state, kernel, bias=None):

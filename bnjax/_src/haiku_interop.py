@@ -149,9 +149,11 @@ def to_haiku(
       ``(hk_params, hk_state)``.
 
     Raises:
-      ValueError: ``ndim`` is not a positive int, or the feature shape does not fit the
-        kept axes of that layout.
+      TypeError: ``decay_rate`` is not a real number or ``ndim`` not an int.
+      ValueError: ``decay_rate`` is outside [0, 1], ``ndim`` is not positive, or the
+        feature shape does not fit the kept axes of that layout.
     """
+    v.check_number("decay_rate", decay_rate, low=0.0, high=1.0)
     v.check_int("ndim", ndim, low=1, what="the input's rank, x.ndim")
     kept = _haiku_kept_axes(data_format, axis, ndim, "x")
     feature = tuple(np.shape(state.mean))

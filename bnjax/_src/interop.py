@@ -11,9 +11,12 @@ Flax) the count is an argument.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import jax.numpy as jnp
 import numpy as np
 
+from bnjax._src import validation as v
 from bnjax._src.types import BatchNormParams, BatchNormState
 
 # torch dtypes that ``Tensor.numpy()`` refuses (numpy has no such dtype) but jax has; each
@@ -128,8 +131,11 @@ def from_keras(weights, *, center: bool = True, scale: bool = True, count=0):
       ``(params, state)`` for ``presets.keras(...)``.
 
     Raises:
+      TypeError: ``center`` or ``scale`` is not a bool.
       ValueError: ``weights`` does not have ``2 + center + scale`` entries.
     """
+    v.check_bool("center", center)
+    v.check_bool("scale", scale)
     weights = list(weights)
     expected = 2 + int(center) + int(scale)
     if len(weights) != expected:
@@ -181,7 +187,7 @@ def from_flax(variables, *, count=0):
         }
         p, s = leaves, leaves
     else:
-        p, s = variables.get("params", {}), variables["batch_stats"]
+        p, s = _flax_layer(variables)
     params = BatchNormParams(scale=optional(p, "scale"), bias=optional(p, "bias"))
     state = BatchNormState(
         mean=as_array(s["mean"], "mean"),
@@ -189,6 +195,41 @@ def from_flax(variables, *, count=0):
         count=as_count(count, "count"),
     )
     return params, state
+
+
+def _flax_layer(variables):
+    """The ``params`` and ``batch_stats`` dicts of one linen BatchNorm, or a ValueError
+    that lists the layers of a whole model's variables."""
+    if not isinstance(variables, Mapping) or "batch_stats" not in variables:
+        keys = sorted(map(str, variables)) if isinstance(variables, Mapping) else None
+        raise ValueError(
+            "variables must hold one BatchNorm's 'batch_stats' (and 'params'); got "
+            f"{type(variables).__name__}" + (f" with keys {keys}" if keys is not None else "")
+        )
+    stats = variables["batch_stats"]
+    if isinstance(stats, Mapping) and not {"mean", "var"} <= set(stats):
+        layers = _flax_layers(stats)
+        example = layers[0] if layers else "BatchNorm_0"
+        path = "".join(f"[{part!r}]" for part in example.split("/"))
+        raise ValueError(
+            "variables['batch_stats'] has no 'mean' and 'var': these are the variables of "
+            f"a whole model (BatchNorm layers: {layers}); convert one layer at a time, e.g. "
+            f"from_flax({{'params': variables['params']{path}, "
+            f"'batch_stats': variables['batch_stats']{path}}})"
+        )
+    return variables.get("params", {}), stats
+
+
+def _flax_layers(stats, prefix="") -> list[str]:
+    """The paths (``a/b``) of the dicts holding ``mean`` and ``var`` inside ``stats``."""
+    found = []
+    for key, value in stats.items():
+        if isinstance(value, Mapping):
+            if {"mean", "var"} <= set(value):
+                found.append(f"{prefix}{key}")
+            else:
+                found += _flax_layers(value, f"{prefix}{key}/")
+    return found
 
 
 def to_flax(params: BatchNormParams, state: BatchNormState) -> dict:

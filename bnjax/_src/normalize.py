@@ -227,9 +227,7 @@ def _train_bwd(spec, res, cotangents):
     d_scale = None if scale is None else jnp.reshape(scale_sum, scale.shape).astype(scale.dtype)
     d_bias = None if bias is None else jnp.reshape(g_sum, bias.shape).astype(bias.dtype)
     if spec.axis_name is not None:
-        g_sum, gx_sum = lax.psum(
-            (g_sum, gx_sum), spec.axis_name, axis_index_groups=spec.axis_index_groups
-        )
+        g_sum, gx_sum = spec.reduction(None).psum((g_sum, gx_sum))
     safe = jnp.maximum(mom.count, 1)
     k = inv if scale is None else inv * jnp.reshape(scale, inv.shape).astype(acc)
     if r is not None:

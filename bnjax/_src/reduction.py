@@ -68,14 +68,29 @@ class Reduction(NamedTuple):
 
     def psum(self, values):
         """``values`` summed over ``axis_name`` (unchanged without one)."""
-        if self.axis_name is None:
-            return values
-        return lax.psum(values, self.axis_name, axis_index_groups=self.groups)
+        return self._collective(lax.psum, values)
 
     def pmax(self, values):
+        """``values`` maximized over ``axis_name`` (unchanged without one)."""
+        return self._collective(lax.pmax, values)
+
+    def _collective(self, op, values):
         if self.axis_name is None:
             return values
-        return lax.pmax(values, self.axis_name, axis_index_groups=self.groups)
+        try:
+            return op(values, self.axis_name, axis_index_groups=self.groups)
+        except NotImplementedError as e:
+            if self.groups is None:
+                raise
+            # JAX implements axis_index_groups under pmap only (an empty message under
+            # shard_map, "not supported in vmap collectives" under vmap).
+            raise NotImplementedError(
+                f"axis_index_groups={self.groups!r} with axis_name={self.axis_name!r}: JAX "
+                "combines groups of an axis only under jax.pmap, not under shard_map or "
+                "vmap. Under shard_map, give the mesh one axis per level (e.g. "
+                "('group', 'member')) and use the inner one as axis_name, without "
+                f"axis_index_groups. ({type(e).__name__}: {e or 'no message'})"
+            ) from e
 
     def maximum(self, values):
         """Per-feature maximum (keep-dims) of ``values`` >= 0 over the axes, masked; local."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numbers
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -161,6 +161,12 @@ def check_trees(params, state, feat, scale: bool, center: bool) -> None:
         ("state", state, BatchNormState),
     ):
         missing = [f for f in kind._fields if not hasattr(tree, f)]
+        if missing and isinstance(tree, Mapping):
+            raise TypeError(
+                f"{name} must be a {kind.__name__} with fields {kind._fields}; got a "
+                f"{type(tree).__name__} with keys {sorted(map(str, tree))}. Flax variables "
+                "convert with bnjax.interop.from_flax(variables) -> (params, state)"
+            )
         if missing:
             raise TypeError(
                 f"{name} must be a {kind.__name__} with fields {kind._fields}; "
