@@ -58,11 +58,18 @@ MUTANTS = [
         ["tests/test_flax_options.py"],
     ),
     (
-        "recalibrate merges a batch with an empty feature",
+        "recalibration finishes a feature that counted nothing as mean 0 (its data ignored)",
         "bnjax/_src/population.py",
-        "ok = jnp.all(nb > 0)",
-        "ok = jnp.all(nb >= 0)",
+        "mean=jnp.where(seen, population.mean, old.mean),",
+        "mean=population.mean,",
         ["tests/test_recalibrate.py"],
+    ),
+    (
+        "an empty feature stops the update of every feature (ema)",
+        "bnjax/_src/averaging.py",
+        'ok = jnp.any(has_data) if averaging == "ema" else jnp.all(has_data)',
+        "ok = jnp.all(has_data)",
+        ["tests/test_averaging.py"],
     ),
     (
         "fsync of files is a no-op",

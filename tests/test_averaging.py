@@ -166,26 +166,42 @@ def test_fold_one_step_from_any_count(maybe_jit):
         assert int(new.count) == 5
 
 
-def test_fold_skips_unusable_batches(maybe_jit):
+def test_update_skips_unusable_batches(maybe_jit):
     state = _state([0.5, -1.0], [1.5, 0.5], 2)
     x = np.random.default_rng(5).normal(size=(4, 2))
     bad = [
-        (_moments_of(x)._replace(count=jnp.asarray([[4.0, 0.0]], jnp.float32)), {}),  # empty
-        (
-            _moments_of(x)._replace(count=jnp.asarray([[1.0, 4.0]], jnp.float32)),
-            {"running_var": "unbiased"},
-        ),  # noqa: E501
-        (_moments_of(x)._replace(scaled_var=jnp.asarray([[1.0, np.nan]], jnp.float32)), {}),
-        (_moments_of(x)._replace(delta=jnp.asarray([[np.inf, 0.0]], jnp.float32)), {}),
+        # A feature without data under a count-weighted average: the batch is left out.
+        (_moments_of(x)._replace(count=jnp.asarray([[4.0, 0.0]], jnp.float32)), "debiased"),
+        (_moments_of(x)._replace(count=jnp.asarray([[0.0, 4.0]], jnp.float32)), "cumulative"),
+        (_moments_of(x)._replace(count=jnp.asarray([[0.0, 0.0]], jnp.float32)), "ema"),
+        (_moments_of(x)._replace(scaled_var=jnp.asarray([[1.0, np.nan]], jnp.float32)), "ema"),
+        (_moments_of(x)._replace(delta=jnp.asarray([[np.inf, 0.0]], jnp.float32)), "ema"),
     ]
-    for mom, kwargs in bad:
-        new = maybe_jit(lambda s, m, kw=kwargs: _update(s, m, **kw))(state, mom)
+    for mom, averaging in bad:
+        new = maybe_jit(lambda s, m, a=averaging: _update(s, m, averaging=a))(state, mom)
         for got, want in zip(new, state, strict=True):
             np.testing.assert_array_equal(got, want)
-    # Without skip_nonfinite, a NaN batch is folded in (and counted).
+    # Without skip_nonfinite, a NaN batch is averaged in (and counted).
     mom = _moments_of(x)._replace(scaled_var=jnp.asarray([[1.0, np.nan]], jnp.float32))
     new = maybe_jit(lambda s, m: _update(s, m, skip_nonfinite=False))(state, mom)
     assert np.isnan(new.var[1]) and int(new.count) == 3
+
+
+@pytest.mark.parametrize("running_var", ["biased", "unbiased"])
+def test_ema_averages_the_features_with_data_and_keeps_the_others(maybe_jit, running_var):
+    """A feature with no counted element (two for the unbiased variance) keeps its
+    statistics; the features with data take the batch as if it had been alone."""
+    state = _state([0.5, -1.0, 2.0], [1.5, 0.5, 3.0], 2)
+    x = np.random.default_rng(6).normal(size=(4, 3))
+    short = 1.0 if running_var == "unbiased" else 0.0
+    mom = _moments_of(x)._replace(count=jnp.asarray([[4.0, short, 4.0]], jnp.float32))
+    full = maybe_jit(lambda s, m: _update(s, m, running_var=running_var))(state, _moments_of(x))
+    new = maybe_jit(lambda s, m: _update(s, m, running_var=running_var))(state, mom)
+    pairs = ((new.mean, full.mean, state.mean), (new.var, full.var, state.var))
+    for got, whole, old in (tuple(np.asarray(a) for a in p) for p in pairs):
+        np.testing.assert_array_equal(got[[0, 2]], whole[[0, 2]])
+        np.testing.assert_array_equal(got[1], old[1])
+    assert int(new.count) == 3
 
 
 @pytest.mark.parametrize("dtype", [jnp.int32, jnp.uint8])

@@ -130,15 +130,17 @@ def make_x(case: Case, rng) -> np.ndarray:
 def make_mask(case: Case, rng, axes_ok: bool):
     """The mask of ``case.mask`` and whether it is a valid one."""
     reduced = _reduced_shape(case.shape, case.axis) if axes_ok else case.shape
+    feat = ref.feature_axes(case.axis, len(case.shape)) if axes_ok else ()
+    clear = not _ambiguous(reduced, case.shape, feat)  # (4,) against (4, 4) is refused
     kind = case.mask
     if kind == "none":
         return None, True
     if kind == "reduced":
-        return jnp.asarray(rng.random(reduced) < 0.7), True
+        return jnp.asarray(rng.random(reduced) < 0.7), clear
     if kind == "full_shape":
         return jnp.asarray(rng.random(case.shape) < 0.7), True
     if kind == "all_false":
-        return jnp.zeros(reduced, bool), True
+        return jnp.zeros(reduced, bool), clear
     if kind == "wrong_shape":
         return jnp.ones((*reduced, 4) if reduced else (7,), bool), False
     if kind == "wrong_dtype":
@@ -197,13 +199,19 @@ def _reference_apply(case: Case, x, mask, eps):
     with np.errstate(invalid="ignore", divide="ignore"):
         if case.running_var == "unbiased":
             var = var * n / (n - 1)
-    usable = np.all(n > (1 if case.running_var == "unbiased" else 0))
+    # A feature has data with one counted element (two for the unbiased variance). With
+    # "ema" the features with data are averaged in and the others keep their statistics;
+    # the count-weighted averages take the batch only if every feature has data.
+    has_data = n > (1 if case.running_var == "unbiased" else 0)
+    usable = np.any(has_data) if case.averaging == "ema" else np.all(has_data)
+    w = 1 - case.momentum if case.averaging == "ema" else 1.0  # first batch, count 0
+    new_mean = np.where(has_data, mean0 + w * (mean - mean0), mean0)
+    new_var = np.where(has_data, var0 + w * (var - var0), var0)
     if case.skip_nonfinite:
-        usable &= bool(np.all(np.isfinite(mean)) and np.all(np.isfinite(var)))
+        usable &= bool(np.all(np.isfinite(new_mean)) and np.all(np.isfinite(new_var)))
     if not usable:
         return y, None
-    w = 1 - case.momentum if case.averaging == "ema" else 1.0  # first batch, count 0
-    return y, (mean0 + w * (mean - mean0), var0 + w * (var - var0), 1)
+    return y, (new_mean, new_var, 1)
 
 
 def assert_close(actual, expected, tol, what):
@@ -454,11 +462,34 @@ def make_flax_mask(case: Case, rng, axes_ok: bool):
         return jnp.zeros(keepdims, bool), True
     if kind == "wrong_dtype":
         trailing = shape[rng.integers(0, len(shape) + 1) :]
-        return jnp.asarray(rng.random(trailing) < 0.7, jnp.int32), True
+        mask = jnp.asarray(rng.random(trailing) < 0.7, jnp.int32)
+        return mask, not _ambiguous(trailing, shape, feat)
     if kind == "list":  # a nested list loses zero-size dimensions: numpy then
         keep = rng.random(keepdims) < 0.7
         return (keep if 0 in keepdims else keep.tolist()), True
     return jnp.ones((*shape, 2), bool), False  # one dimension too many: never broadcasts
+
+
+def _ambiguous(mask_shape, x_shape, feat) -> bool:
+    """Whether a lower-rank mask also fits as one flag per example (leading axes) or as
+    ``x`` without its feature axes, on other axes than numpy's trailing ones: the one mask
+    rule refuses such a mask rather than guess."""
+    k, ndim = len(mask_shape), len(x_shape)
+    if k == ndim:
+        return False
+    reduced = [i for i in range(ndim) if i not in feat]
+    placements = set()
+    for axes in (
+        range(ndim - k, ndim),
+        range(k),
+        reduced[len(reduced) - k :] if k <= len(reduced) else None,
+    ):
+        if axes is None:
+            continue
+        axes = list(axes)
+        if all(m in (1, x_shape[a]) for m, a in zip(mask_shape, axes, strict=True)):
+            placements.add(tuple((a, m) for m, a in zip(mask_shape, axes, strict=True) if m != 1))
+    return len(placements) > 1
 
 
 WRAPPERS = {"linen": _linen, "nnx": _nnx}

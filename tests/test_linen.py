@@ -11,12 +11,15 @@ import numpy as np
 import optax
 import pytest
 import reference as ref
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from jax.experimental import checkify
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import bnjax
 import bnjax.linen as bl
+from bnjax._src.reduction import expand_mask
 
 # Random bits from XLA's RngBitGenerator: a threefry key costs seconds of compilation for
 # every new shape on CPU, an "rbg" key a fraction of that. Data come from numpy.
@@ -261,10 +264,10 @@ def test_lower_rank_mask_broadcasts_as_in_flax_and_a_fully_masked_feature_keeps_
     """A mask of shape (C,) against x of shape (N, C) selects features, as numpy does.
 
     Flax's statistics of a feature with no counted element are 0/0: NaN in its output and
-    in ``batch_stats``. bnjax normalizes that feature with the running statistics and, as
-    for any batch with a feature left empty, leaves ``batch_stats`` unchanged.
+    in ``batch_stats``. bnjax normalizes that feature with the running statistics and
+    keeps its ``batch_stats``; the features with data are updated as in Flax.
     """
-    x = _data((4, 4), seed=14)
+    x = _data((6, 4), seed=14)
     mask = jnp.asarray([True, True, False, True])
     variables = nn.BatchNorm(use_running_average=False).init(KEY, x)
     settings = dict(use_running_average=False, momentum=0.5)
@@ -276,10 +279,48 @@ def test_lower_rank_mask_broadcasts_as_in_flax_and_a_fully_masked_feature_keeps_
     _close(y[:, counted], y_ref[:, counted], 1e-5)
     assert np.isnan(y_ref[:, 2]).all() and np.isnan(upd_ref["batch_stats"]["mean"][2])
     _close(y[:, 2], x[:, 2] / np.sqrt(1 + 1e-5), 1e-6)  # the running statistics: 0 and 1
-    jax.tree.map(np.testing.assert_array_equal, upd["batch_stats"], variables["batch_stats"])
+    for name in ("mean", "var"):
+        ours, theirs = upd["batch_stats"][name], upd_ref["batch_stats"][name]
+        _close(ours[counted], theirs[counted], 1e-6)
+        assert ours[2] == variables["batch_stats"][name][2]
 
 
-@pytest.mark.parametrize("mask_shape", [(6,), (6, 4, 1), (2, 6, 4)])
+def test_mask_read_two_ways_is_refused_naming_both():
+    """(4,) against (4, 4): Flax reads features (numpy), a per-example mask reads rows;
+    the core once read rows where the wrapper read features. Both now refuse it."""
+    x = _data((4, 4), seed=16)
+    bn = bl.BatchNorm(use_running_average=False)
+    variables = bn.init(KEY, x)
+    mask = jnp.asarray([True, True, True, False])
+    for run in (
+        lambda: bn.apply(variables, x, mask=mask, mutable=["batch_stats"]),
+        lambda: bnjax.BatchNorm().apply(*bnjax.BatchNorm().init(x), x, training=True, mask=mask),
+    ):
+        with pytest.raises(ValueError, match=r"mask of shape \(4,\) .* is ambiguous") as info:
+            run()
+        assert "(1, 4)" in str(info.value) and "(4, 1)" in str(info.value)
+    y, _ = bn.apply(variables, x, mask=mask[:, None], mutable=["batch_stats"])
+    y_core, _ = bnjax.BatchNorm().apply(
+        *bnjax.BatchNorm().init(x), x, training=True, mask=mask[:, None]
+    )
+    _close(y, y_core, 1e-6)
+
+
+def test_per_example_mask_means_rows_in_the_wrapper_and_the_core():
+    x = _data((6, 4), seed=17)
+    mask = jnp.asarray([True, True, False, True, True, False])
+    bn = bl.BatchNorm(use_running_average=False, momentum=0.5)
+    variables = bn.init(KEY, x)
+    y, upd = bn.apply(variables, x, mask=mask, mutable=["batch_stats"])
+    core = bnjax.BatchNorm(momentum=0.5)
+    y_core, state = core.apply(*core.init(x), x, training=True, mask=mask)
+    _close(y, y_core, 1e-6)
+    _close(upd["batch_stats"]["mean"], state.mean, 1e-6)
+    y_rows, _ = bn.apply(variables, x, mask=mask[:, None], mutable=["batch_stats"])
+    _close(y, y_rows, 1e-6)
+
+
+@pytest.mark.parametrize("mask_shape", [(6, 4, 1), (2, 6, 4), (5,)])
 def test_mask_that_does_not_broadcast_to_x_is_refused_by_name(mask_shape):
     x = _data((6, 4), seed=15)
     bn = bl.BatchNorm(use_running_average=False)
@@ -615,3 +656,80 @@ def test_tabulate_with_flops_and_repeated_calls_shows_one_batch_norm_row():
         table = nn.tabulate(Model(), KEY, compute_flops=True, show_repeated=True)(jnp.ones((8, 3)))
     assert "_stat_variables" not in table
     assert table.count("│ BatchNorm │") == 1
+
+
+@st.composite
+def _mask_cases(draw):
+    """An input shape, a feature axis and a mask shape of any of the readings (or none)."""
+    ndim = draw(st.integers(2, 4))
+    shape = tuple(draw(st.lists(st.sampled_from([2, 3, 4]), min_size=ndim, max_size=ndim)))
+    axis = draw(st.sampled_from([-1, 1]))
+    kind = draw(st.sampled_from(["full", "leading", "trailing", "reduced", "random"]))
+    k = draw(st.integers(1, ndim))
+    if kind == "full":
+        mask_shape = tuple(d if draw(st.booleans()) else 1 for d in shape)
+    elif kind == "leading":
+        mask_shape = shape[:k]
+    elif kind == "trailing":
+        mask_shape = shape[ndim - k :]
+    elif kind == "reduced":
+        mask_shape = tuple(d for i, d in enumerate(shape) if i != axis % ndim)
+    else:
+        mask_shape = tuple(draw(st.lists(st.sampled_from([1, 2, 3, 4]), min_size=1, max_size=3)))
+    return shape, axis, mask_shape, draw(st.integers(0, 2**16))
+
+
+@settings(max_examples=40, deadline=None)
+@given(case=_mask_cases())
+def test_mask_property_core_and_linen_read_masks_alike(case):
+    """Whatever the shapes: the core and the linen wrapper both refuse a mask (naming it)
+    or both count the same elements, with the same output and statistics."""
+    shape, axis, mask_shape, seed = case
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.normal(1.0, 2.0, shape), jnp.float32)
+    mask = jnp.asarray(rng.random(mask_shape) < 0.8)
+    core = bnjax.BatchNorm(axis=axis, momentum=0.5)
+    wrapper = bl.BatchNorm(use_running_average=False, axis=axis, momentum=0.5)
+    outcomes = []
+    for run in (
+        lambda: core.apply(*core.init(x), x, training=True, mask=mask),
+        lambda: wrapper.apply(wrapper.init(KEY, x), x, mask=mask, mutable=["batch_stats"]),
+    ):
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "training=True with one element")
+                outcomes.append(run())
+        except ValueError as e:
+            assert str(e).startswith("mask of shape"), e
+            outcomes.append(None)
+    (core_out, linen_out) = outcomes
+    assert (core_out is None) == (linen_out is None)
+    if core_out is None:
+        return
+    (y, state), (y_linen, upd) = core_out, linen_out
+    _close(y, y_linen, 1e-6)
+    _close(state.mean, upd["batch_stats"]["mean"], 1e-6)
+    _close(state.var, upd["batch_stats"]["var"], 1e-6)
+    # The reference: numpy broadcasting of the mask as the core placed it.
+    placed = expand_mask(mask, shape, (axis % len(shape),))
+    full = np.broadcast_to(np.asarray(placed), shape)
+    n, _, _ = ref.moments(np.asarray(x, np.float64), axis, full)
+    if np.all(n > 0):
+        want = ref.train_forward(np.asarray(x, np.float64), 1e-5, axis=axis, mask=full)
+        _close(y, want, 2e-5)
+
+
+@pytest.mark.parametrize("ndim", [2, 3, 4, 5])
+def test_per_example_mask_works_for_any_rank(ndim):
+    """One flag per example, shape (N,), for 2-D to 5-D inputs (the core refused it
+    beyond 2-D): the statistics of the kept examples."""
+    shape = (5,) + (3,) * (ndim - 2) + (2,)
+    x = _data(shape, seed=ndim)
+    keep = np.array([True, False, True, True, False])
+    core = bnjax.BatchNorm()
+    y, state = core.apply(*core.init(x), x, training=True, mask=jnp.asarray(keep))
+    full = np.broadcast_to(keep.reshape((5,) + (1,) * (ndim - 1)), shape)
+    want = ref.train_forward(np.asarray(x, np.float64), 1e-5, axis=-1, mask=full)
+    _close(y, want, 2e-5)
+    kept = np.asarray(x, np.float64)[keep].reshape(-1, 2)
+    _close(state.mean, 0.01 * kept.mean(0), 1e-6)

@@ -29,7 +29,7 @@ except ImportError:  # pragma: no cover
 
 ACCELERATORS = ["cuda", "rocm", "tpu"]
 X = jnp.asarray(np.random.default_rng(0).normal(3.0, 2.0, (16, 4, 4, 8)), jnp.float32)
-MASK = jnp.asarray(np.random.default_rng(1).random((16, 1, 1)) < 0.8)
+MASK = jnp.asarray(np.random.default_rng(1).random((16,)) < 0.8)  # one flag per example
 
 
 def conditionals(fn, *args, platform) -> int:

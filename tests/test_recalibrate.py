@@ -165,9 +165,9 @@ def test_population_statistics_property(sizes, ratio, scale, statistics, seed):
     assert int(new.count) == len(sizes)
 
 
-def test_batch_leaving_a_feature_empty_is_left_out():
-    """A batch in which some feature counts no element is not merged (training leaves it
-    out of the running average too): the statistics are those of the other batches."""
+def test_batch_leaving_a_feature_empty_is_left_out_of_that_feature_only():
+    """A feature that counts no element in a batch takes its statistics from the other
+    batches; the other features take all of them (the per-feature counts make this exact)."""
     bn = bnjax.BatchNorm()
     batches = _batches(5, (16, 16, 16))
     masks = [np.ones((16, 3), bool) for _ in batches]
@@ -180,7 +180,27 @@ def test_batch_leaving_a_feature_empty_is_left_out():
     params, state = bn.init(batches[0])
     data = [(jnp.asarray(x), jnp.asarray(m)) for x, m in zip(batches, masks, strict=True)]
     new = bnjax.recalibrate(apply, params, state, data)
+    every = np.concatenate(batches).astype(np.float64)
     kept = np.concatenate([batches[0], batches[2]]).astype(np.float64)
-    np.testing.assert_allclose(new.mean, kept.mean(0), rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(new.var, kept.var(0), rtol=1e-5)
-    assert int(new.count) == 2
+    np.testing.assert_allclose(new.mean[:2], every[:, :2].mean(0), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(new.var[:2], every[:, :2].var(0), rtol=1e-6)
+    np.testing.assert_allclose(new.mean[2], kept[:, 2].mean(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(new.var[2], kept[:, 2].var(), rtol=1e-6)
+    assert int(new.count) == 3
+
+
+def test_feature_that_never_counts_keeps_its_statistics():
+    bn = bnjax.BatchNorm()
+    batches = _batches(6, (8, 8))
+    mask = np.ones((8, 3), bool)
+    mask[:, 1] = False
+
+    def apply(params, state, x, *, training):
+        return bn.apply(params, state, x, training=training, mask=jnp.asarray(mask))
+
+    params, state = bn.init(batches[0])
+    state = state._replace(mean=jnp.asarray([0.0, 7.0, 0.0]), var=jnp.asarray([1.0, 3.0, 1.0]))
+    new = bnjax.recalibrate(apply, params, state, [jnp.asarray(b) for b in batches])
+    assert (float(new.mean[1]), float(new.var[1])) == (7.0, 3.0)
+    every = np.concatenate(batches).astype(np.float64)
+    np.testing.assert_allclose(np.asarray(new.var)[[0, 2]], every[:, [0, 2]].var(0), rtol=1e-6)

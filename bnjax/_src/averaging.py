@@ -71,10 +71,14 @@ def update(
 ) -> BatchNormState:
     """Returns ``state`` with one batch averaged in, or ``state`` itself if it is unusable.
 
-    A batch is unusable when some feature counted no element (zero-size or fully masked
-    batch), when ``running_var="unbiased"`` and some feature counted only one element (its
-    unbiased variance is undefined), or, with ``skip_nonfinite``, when its statistics are
-    not finite. The update is all or nothing: ``count`` moves only with the statistics.
+    A feature *has data* when it counted an element (two with ``running_var="unbiased"``,
+    whose variance needs them). With ``"ema"`` the features with data are averaged in and
+    the others keep their statistics, as each feature's average is independent of the
+    others'. With ``"debiased"`` and ``"cumulative"`` the weight comes from the shared
+    ``count``, which a feature that skipped a batch would no longer match, so a batch in
+    which some feature has no data is left out whole. With ``skip_nonfinite`` a batch whose
+    statistics (of the features with data) are not finite is left out whole. ``count``
+    moves whenever some statistic does.
 
     The update is computed in at least float32 and each statistic is stored back in its
     own dtype; with ``skip_nonfinite`` a result that overflows that dtype is skipped too.
@@ -91,12 +95,15 @@ def update(
     var = moments.var.reshape(shape).astype(dtype)
     if running_var == "unbiased":
         var = var * (n / jnp.maximum(n - 1, 1))
-    ok = jnp.all(n > (1 if running_var == "unbiased" else 0))
+    has_data = n > (1 if running_var == "unbiased" else 0)
+    ok = jnp.any(has_data) if averaging == "ema" else jnp.all(has_data)
     w = weight(averaging, momentum, state.count, dtype)
     old_mean, old_var = state.mean.astype(dtype), state.var.astype(dtype)
+    new_mean = jnp.where(has_data, _towards(old_mean, mean, w), old_mean)
+    new_var = jnp.where(has_data, _towards(old_var, var, w), old_var)
     new = BatchNormState(
-        mean=_towards(old_mean, mean, w).astype(state.mean.dtype),
-        var=_towards(old_var, var, w).astype(state.var.dtype),
+        mean=new_mean.astype(state.mean.dtype),
+        var=new_var.astype(state.var.dtype),
         count=_increment(state.count),
     )
     if skip_nonfinite:

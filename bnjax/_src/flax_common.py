@@ -12,8 +12,8 @@ exactly Flax's. A count missing from the variables (Flax's own, say) counts as 0
 the running averages; the ``checks=True`` never-updated check judges such statistics by their
 values instead (see :func:`count_for_checks`).
 
-Masks follow Flax, not the core: a mask is broadcast against ``x`` with numpy's rules
-(trailing dimensions aligned), see :func:`broadcast_mask`.
+Masks are read as in the core (one rule, ``reduction.expand_mask``), which includes Flax's
+numpy broadcasting; see :func:`bool_mask`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from bnjax._src import validation as v
 from bnjax._src.batchnorm import BatchNorm, OneElementWarning
@@ -121,47 +120,25 @@ def extra_defaults() -> dict[str, Any]:
     return {name: fields[name] for name in EXTRA_OPTIONS}
 
 
-def broadcast_mask(mask, x_shape) -> jax.Array | None:
-    """Flax's reading of ``mask``: any array-like, broadcast against ``x`` with numpy's rules.
+def bool_mask(mask) -> jax.Array | None:
+    """Flax's masks are any array-like (nonzero counts): ``mask`` as a bool array.
 
-    The core reads a mask with fewer dimensions than ``x`` as ``x`` without its feature
-    axes; Flax (``x.mean(axes, where=mask)``) aligns trailing dimensions. The wrappers are
-    drop-in replacements, so they follow Flax: a mask of shape ``(C,)`` against ``x`` of
-    shape ``(N, C)`` selects features, and one of shape ``(N,)`` does not broadcast (use
-    ``mask[:, None]``). The mask gets leading size-1 dimensions up to ``x.ndim``, which the
-    core reads unambiguously and which, unlike ``jnp.broadcast_to``, materializes nothing.
-
-    Args:
-      mask: None, or an array-like of any dtype (nonzero counts), broadcastable to ``x``.
-      x_shape: the shape of ``x``.
-
-    Returns:
-      None, or a bool array of ``len(x_shape)`` dimensions that broadcasts to ``x_shape``.
+    Its shape is then read by the core (``reduction.expand_mask``), one rule for the core
+    and the wrappers: every mask Flax accepts means what it means in Flax, except one that
+    also reads as one flag per example (``(4,)`` against ``(4, 4)``), which is refused as
+    ambiguous rather than guessed.
 
     Raises:
       TypeError: ``mask`` cannot be converted to an array.
-      ValueError: ``mask`` does not broadcast to ``x_shape``.
     """
     if mask is None:
         return None
     try:
-        mask = jnp.asarray(mask, jnp.bool_)
+        return jnp.asarray(mask, jnp.bool_)
     except (TypeError, ValueError) as e:
         raise TypeError(
             f"mask must be an array broadcastable to x; got {type(mask).__name__} ({e})"
         ) from None
-    x_shape = tuple(x_shape)
-    try:
-        fits = np.broadcast_shapes(mask.shape, x_shape) == x_shape
-    except ValueError:
-        fits = False
-    if not fits:
-        raise ValueError(
-            f"mask of shape {mask.shape} does not broadcast to x of shape {x_shape}; expected "
-            "a shape broadcastable to x under numpy's rules (trailing dimensions aligned, as "
-            "in Flax), e.g. x.shape, or x.shape with 1 for the feature axes"
-        )
-    return jnp.reshape(mask, (1,) * (len(x_shape) - mask.ndim) + mask.shape)
 
 
 def count_for_checks(count, mean, var) -> jax.Array:
@@ -198,7 +175,7 @@ def run(core, scale, bias, stats: Stats, x, *, training, update_stats, mask):
       x: the input, any shape with the feature axes of ``core.axis``.
       training: normalize with batch statistics (True) or the running ones.
       update_stats: average this batch into the running statistics.
-      mask: None, or an array-like broadcastable to ``x`` (see :func:`broadcast_mask`).
+      mask: None, or an array-like read against ``x`` as in the core (:func:`bool_mask`).
 
     Returns:
       ``(y, new_stats)``: the output and the statistics to store (``stats`` itself when
@@ -213,7 +190,7 @@ def run(core, scale, bias, stats: Stats, x, *, training, update_stats, mask):
         count = count_for_checks(count, stats.mean, stats.var)
     state = BatchNormState(mean=stats.mean.astype(acc), var=stats.var.astype(acc), count=count)
     params = BatchNormParams(scale=scale, bias=bias)
-    mask = broadcast_mask(mask, jnp.shape(x))
+    mask = bool_mask(mask)
     with warnings.catch_warnings():
         # Flax is silent on a batch of one element per feature (the dummy batch of an
         # init, say), and a drop-in must be too; ``checks=True`` keeps the warning.

@@ -69,11 +69,17 @@ def start(state: BatchNormState) -> PopulationAccumulator:
 def finish(population: PopulationAccumulator) -> BatchNormState:
     """The running state holding the accumulated population mean and variance.
 
-    A layer that merged no batch keeps its original state.
+    A feature that counted no element in any batch (and a layer that merged no batch)
+    keeps its original statistics.
     """
-    var = population.m2 / jnp.maximum(population.count - population.ddof, 1)
     old = population.state
-    new = BatchNormState(mean=population.mean, var=var, count=population.batches)
+    seen = population.count > 0
+    var = population.m2 / jnp.maximum(population.count - population.ddof, 1)
+    new = BatchNormState(
+        mean=jnp.where(seen, population.mean, old.mean),
+        var=jnp.where(seen, var, old.var),
+        count=population.batches,
+    )
     return all_or_nothing(population.batches > 0, new, old)
 
 
@@ -89,18 +95,21 @@ def merge(
       skip_nonfinite: a batch whose merge is not finite leaves the accumulator unchanged.
 
     Returns:
-      The new accumulator, or ``population`` itself when some feature counted nothing.
+      The new accumulator. A feature that counted nothing in this batch is unchanged (its
+      count adds 0); a batch in which no feature counted anything is not merged.
     """
     old = population._replace(ddof=jnp.asarray(1.0 if unbiased else 0.0, population.ddof.dtype))
     shape, dtype = old.delta.shape, old.delta.dtype
     nb = jnp.broadcast_to(moments.count, moments.var.shape).reshape(shape).astype(dtype)
+    has_data = nb > 0  # a feature without data adds nothing, whatever its moments hold
     batch_pivot = moments.pivot.reshape(shape).astype(dtype)
-    pivot = jnp.where(old.count > 0, old.pivot, batch_pivot)
+    pivot = jnp.where((old.count > 0) | ~has_data, old.pivot, batch_pivot)
     # Batch mean minus accumulated mean, without ever forming either mean.
     offset = ((batch_pivot - pivot) + moments.delta.reshape(shape).astype(dtype)) - old.delta
+    offset = jnp.where(has_data, offset, 0)
     n = old.count + nb
     w = nb / jnp.maximum(n, 1)
-    m2b = moments.var.reshape(shape).astype(dtype) * nb
+    m2b = jnp.where(has_data, moments.var.reshape(shape).astype(dtype) * nb, 0)
     new = old._replace(
         count=n,
         pivot=pivot,
@@ -108,7 +117,7 @@ def merge(
         m2=old.m2 + m2b + offset * offset * old.count * w,
         batches=old.batches + 1,
     )
-    ok = jnp.all(nb > 0)
+    ok = jnp.any(has_data)
     if skip_nonfinite:
         ok = ok & jnp.all(jnp.isfinite(new.mean)) & jnp.all(jnp.isfinite(new.m2))
     return all_or_nothing(ok, new, old)

@@ -16,10 +16,27 @@ from jax import lax
 
 
 def expand_mask(mask, x_shape, feat_axes):
-    """Reshapes ``mask`` to ``x.ndim`` dimensions, each 1 or equal to ``x``'s.
+    """Reads ``mask`` against ``x``: returns it with ``x.ndim`` dimensions, each 1 or
+    equal to ``x``'s, so that it broadcasts to ``x``.
 
-    Accepted: a bool mask broadcastable to ``x`` (same number of dimensions, Flax's form),
-    or one broadcastable to the shape of ``x`` without its feature axes (bnjax's form).
+    One rule for the core and the Flax wrappers. A mask with the rank of ``x`` broadcasts
+    with numpy's rules. A mask of lower rank can be read three ways, each placing its axes
+    on axes of ``x``:
+
+    * numpy's: trailing axes aligned (Flax's reading: ``(C,)`` against ``(N, C)`` selects
+      features);
+    * per example: leading axes aligned (``(N,)`` for any rank of ``x``, ``(N, L)`` for
+      sequences);
+    * as ``x`` without its feature axes: numpy's broadcasting against the reduced axes
+      (``(N, H, W)`` against NCHW ``x``, ``(L,)`` against ``(N, L, C)``).
+
+    The readings that fit the shapes (every mask dimension 1 or the size of the axis it
+    lands on) must place the mask's non-1 axes alike; a mask that fits two different ways
+    is refused, naming both, rather than guessed.
+
+    Raises:
+      TypeError: ``mask`` is not a bool array.
+      ValueError: ``mask`` fits no reading, or fits two that differ.
     """
     if mask is None:
         return None
@@ -27,21 +44,50 @@ def expand_mask(mask, x_shape, feat_axes):
     dtype = getattr(mask, "dtype", None)
     if dtype is None or dtype != jnp.bool_:
         raise TypeError(f"mask must be a bool array; got dtype {dtype} ({type(mask).__name__})")
-    ndim = len(x_shape)
-    reduced = [d for i, d in enumerate(x_shape) if i not in feat_axes]
-    if len(shape) == ndim:
-        full = shape
-    elif len(shape) <= len(reduced):
-        aligned = iter((1,) * (len(reduced) - len(shape)) + shape)
-        full = tuple(1 if i in feat_axes else next(aligned) for i in range(ndim))
-    else:
-        full = None
-    if full is None or any(m not in (1, d) for m, d in zip(full, x_shape, strict=True)):
+    x_shape = tuple(x_shape)
+    fits = {}
+    for name, axes in _readings(len(shape), len(x_shape), feat_axes).items():
+        if all(m in (1, x_shape[a]) for m, a in zip(shape, axes, strict=True)):
+            placed = tuple((a, m) for m, a in zip(shape, axes, strict=True) if m != 1)
+            fits.setdefault(placed, (name, axes))
+    if not fits:
+        reduced = tuple(d for i, d in enumerate(x_shape) if i not in feat_axes)
         raise ValueError(
-            f"mask of shape {shape} does not broadcast to x of shape {tuple(x_shape)}; expected "
-            f"the shape of x without its feature axes {tuple(reduced)}, or one broadcastable to x"
+            f"mask of shape {shape} does not broadcast to x of shape {x_shape}; expected a "
+            f"shape broadcastable to x (numpy's rules), x's leading dimensions (one flag per "
+            f"example, e.g. {x_shape[:1]}), or x without its feature axes {reduced}"
         )
-    return jnp.reshape(mask, full)
+    if len(fits) > 1:
+        (a, b), (c, d) = list(fits.values())[:2]
+        raise ValueError(
+            f"mask of shape {shape} against x of shape {x_shape} is ambiguous: read {a} it "
+            f"lies on axes {b} of x, read {c} on axes {d}, which select different elements. "
+            f"Give it x's rank to say which: for axes {b} reshape it to "
+            f"{_full(shape, b, len(x_shape))}, for axes {d} to {_full(shape, d, len(x_shape))}"
+        )
+    ((_, axes),) = fits.values()
+    return jnp.reshape(mask, _full(shape, axes, len(x_shape)))
+
+
+def _readings(k: int, ndim: int, feat_axes) -> dict[str, tuple[int, ...]]:
+    """The axes of ``x`` that a rank-``k`` mask's axes land on, for each reading."""
+    if k > ndim:
+        return {}
+    readings = {"as numpy broadcasts (trailing axes aligned)": tuple(range(ndim - k, ndim))}
+    if k < ndim:
+        readings["per example (leading axes aligned)"] = tuple(range(k))
+        reduced = tuple(i for i in range(ndim) if i not in feat_axes)
+        if k <= len(reduced):  # numpy's broadcasting against x without its feature axes
+            readings["as x without its feature axes"] = reduced[len(reduced) - k :]
+    return readings
+
+
+def _full(shape, axes, ndim) -> tuple[int, ...]:
+    """The rank-``ndim`` shape that puts a mask of ``shape`` on ``axes``."""
+    full = [1] * ndim
+    for m, a in zip(shape, axes, strict=True):
+        full[a] = m
+    return tuple(full)
 
 
 class Reduction(NamedTuple):
