@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench lint clean mutants
+.PHONY: test demo bench lint clean mutants compat
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -13,8 +13,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check bnjax tests examples benchmarks
-	$(BIN)/ruff format --check bnjax tests examples benchmarks
+	$(BIN)/ruff check bnjax tests examples benchmarks compat
+	$(BIN)/ruff format --check bnjax tests examples benchmarks compat
 
 test: lint
 	$(BIN)/python -m pytest -n auto --durations=15
@@ -25,6 +25,11 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
+
+# Flax's own tests with bnjax's BatchNorm swapped in (compat/flax_suite.py): about two
+# minutes; the Flax source distribution is downloaded once into compat/.cache.
+compat: $(STAMP)
+	$(BIN)/python compat/flax_suite.py
 
 # Mutation testing (not part of CI; see tests/MUTANTS.md): first the mutants listed in
 # tests/listed_mutants.py, then, module by module, every comparison, arithmetic, boolean
@@ -37,4 +42,4 @@ mutants: $(STAMP)
 	$(BIN)/python tests/mutants.py $(MUTANT_MODULES)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .gremlins_cache coverage build *.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache .gremlins_cache coverage compat/.cache build *.egg-info
