@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 from pathlib import Path
 
 import flax
@@ -40,16 +42,21 @@ SELECTION = HERE / "flax_tests.txt"
 def sdist() -> Path:
     """The extracted source distribution of the installed Flax release."""
     root = CACHE / f"flax-{flax.__version__}"
-    if (root / "tests").is_dir():
+    if root.is_dir():  # complete: renamed into place only after extraction
         return root
     CACHE.mkdir(exist_ok=True)
-    subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary",
-         ":all:", "--dest", str(CACHE), f"flax=={flax.__version__}"],
-        check=True,
-    )  # fmt: skip
-    with tarfile.open(CACHE / f"flax-{flax.__version__}.tar.gz") as tar:
-        tar.extractall(CACHE, filter="data")
+    archive = CACHE / f"flax-{flax.__version__}.tar.gz"
+    if not archive.exists():
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary",
+             "flax", "--dest", str(CACHE), f"flax=={flax.__version__}"],
+            check=True,
+        )  # fmt: skip
+    partial = Path(tempfile.mkdtemp(dir=CACHE, prefix=".extract-"))
+    with tarfile.open(archive) as tar:
+        tar.extractall(partial, filter="data")
+    (partial / root.name).rename(root)
+    shutil.rmtree(partial)
     return root
 
 
@@ -85,12 +92,18 @@ def run_pytest(root: Path, targets: list[str]) -> tuple[set[str], dict[str, str]
         BNJAX_COMPAT_RECORD=str(work),
         PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
     )
+    # Run from outside the sdist: its own flax/ must not shadow the installed release.
     cmd = [
         sys.executable, "-m", "pytest", "-c", str(root / "pyproject.toml"),
         "--rootdir", str(root), "-p", "flax_swap", "-p", "no:cacheprovider", "-q",
-        "-n", os.environ.get("COMPAT_WORKERS", "2"), *targets,
+        "-n", os.environ.get("COMPAT_WORKERS", "2"), *(str(root / t) for t in targets),
     ]  # fmt: skip
-    subprocess.run(cmd, cwd=root, env=env, check=False, stdout=subprocess.DEVNULL)
+    log = work / "pytest.log"
+    with open(log, "w") as out:
+        code = subprocess.run(cmd, cwd=work, env=env, check=False, stdout=out, stderr=out)
+    if code.returncode not in (0, 1):  # 2-4: interrupted, internal or usage error
+        tail = log.read_text().splitlines()[-30:]
+        raise SystemExit(f"pytest exited with {code.returncode}; {log}:\n" + "\n".join(tail))
     constructed, outcomes = set(), {}
     for path in work.glob("record-*.json"):
         record = json.loads(path.read_text())
@@ -128,6 +141,8 @@ def main(argv: list[str]) -> int:
         f"{count['passed']} passed, {count['failed']} failed ({len(listed)} expected, "
         f"compat/expected_failures.txt), {count['skipped']} skipped"
     )
+    if failed:
+        print(f"pytest's output: {CACHE / 'run' / 'pytest.log'}")
     for title, names in (
         ("unexpected failures", failed),
         ("listed as expected failures but passed (remove them)", fixed),

@@ -23,11 +23,13 @@ def reduce_axes(axis, ndim: int) -> tuple[int, ...]:
 
 
 def full_mask(mask, x_shape, axis) -> np.ndarray:
-    """Broadcasts a mask to the full shape of ``x``.
+    """Broadcasts a mask to the full shape of ``x``, by the one mask rule.
 
     Args:
-      mask: None, a bool array of ``x``'s number of dimensions (broadcastable to ``x``), or
-        one of the shape of ``x`` without its feature axes (trailing-aligned).
+      mask: None; a bool array of ``x``'s number of dimensions (numpy broadcasting); or of
+        lower rank, placed on ``x``'s trailing axes (numpy), on its leading axes (one flag
+        per example), or on the axes of ``x`` without its feature axes (one per reduced
+        axis), whichever fits the shapes (the tests use unambiguous masks).
       x_shape: the shape of ``x``.
       axis: the feature axis or axes.
 
@@ -37,12 +39,20 @@ def full_mask(mask, x_shape, axis) -> np.ndarray:
     if mask is None:
         return np.ones(x_shape, bool)
     mask = np.asarray(mask, bool)
-    if mask.ndim != len(x_shape):
-        feat = feature_axes(axis, len(x_shape))
-        reduced = len(x_shape) - len(feat)
-        mask = mask.reshape((1,) * (reduced - mask.ndim) + mask.shape)
-        for a in feat:
-            mask = np.expand_dims(mask, a)
+    k, ndim = mask.ndim, len(x_shape)
+    if k != ndim:
+        feat = feature_axes(axis, ndim)
+        reduced = [i for i in range(ndim) if i not in feat]
+        candidates = [list(range(ndim - k, ndim)), list(range(k))]
+        if k == len(reduced):
+            candidates.append(reduced)
+        for axes in candidates:
+            if all(m in (1, x_shape[a]) for m, a in zip(mask.shape, axes, strict=True)):
+                shape = [1] * ndim
+                for m, a in zip(mask.shape, axes, strict=True):
+                    shape[a] = m
+                mask = mask.reshape(shape)
+                break
     return np.broadcast_to(mask, x_shape)
 
 

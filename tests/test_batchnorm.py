@@ -195,7 +195,8 @@ MASKS = {  # name: (x shape, axis, mask shape)
     "reduced": ((8, 3), -1, (8,)),
     "flax_full_shape": ((8, 3), -1, (8, 3)),
     "flax_broadcast": ((6, 2, 3), -1, (6, 2, 1)),
-    "trailing_broadcast": ((6, 2, 3), -1, (2,)),
+    "per_example_3d": ((6, 2, 3), -1, (6,)),
+    "sequence": ((6, 2, 3), -1, (6, 2)),
     "nchw_reduced": ((4, 3, 2, 2), 1, (4, 2, 2)),
     "tuple_axes": ((5, 3, 4), (1, 2), (5,)),
 }

@@ -190,3 +190,20 @@ def test_checks_inside_shard_map_report_the_failing_device():
     err, (_, new) = checked(params, state, clean)
     assert err.get() is None
     np.testing.assert_allclose(new.mean, 0.01 * X.astype(np.float64).mean(0), rtol=1e-5)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_checks_with_virtual_batches(maybe_jit, masked):
+    """Without a mask each virtual batch's count is a scalar: the update check paired the
+    stacked counts (chunks,) with the features and failed to trace (or, with as many
+    chunks as features, paired chunks with features)."""
+    bn = bnjax.BatchNorm(checks=True, virtual_batch_size=4)
+    x = jnp.asarray(X[:8])  # 2 chunks of 4 rows, 3 features
+    params, state = bn.init(x)
+    mask = jnp.ones(8, bool) if masked else None
+    err, (y, new) = _checked(bn, maybe_jit, training=True)(params, state, x, mask)
+    assert err.get() is None
+    assert int(new.count) == 2
+    ref = bnjax.BatchNorm(virtual_batch_size=4)
+    _, want = ref.apply(params, state, x, training=True)
+    np.testing.assert_allclose(new.mean, want.mean, rtol=1e-6)

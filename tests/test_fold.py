@@ -144,3 +144,18 @@ def test_integer_bias_and_kernel_fold_into_floats(maybe_jit):
             params.scale
         ) + np.asarray(params.bias)
         np.testing.assert_allclose(x @ np.asarray(new_k) + np.asarray(new_b), ref, rtol=1e-5)
+
+
+def test_int64_kernel_under_x64_folds_into_floats():
+    """Under x64 an int64 kernel made the computation dtype int64 (rsqrt of integers)."""
+    import jax
+
+    with jax.enable_x64(True):
+        bn = bnjax.BatchNorm()
+        params, state = bn.init((1, 3))
+        kernel = jnp.arange(6, dtype=jnp.int64).reshape(2, 3)
+        new_k, new_b = bnjax.fold_into_dense(bn, params, state, kernel, jnp.arange(3))
+        assert jnp.issubdtype(new_k.dtype, jnp.floating)
+        assert jnp.issubdtype(new_b.dtype, jnp.floating)
+        want = np.arange(6).reshape(2, 3) / np.sqrt(1 + 1e-5)
+        np.testing.assert_allclose(np.asarray(new_k), want, rtol=1e-6)

@@ -204,3 +204,16 @@ def test_feature_that_never_counts_keeps_its_statistics():
     assert (float(new.mean[1]), float(new.var[1])) == (7.0, 3.0)
     every = np.concatenate(batches).astype(np.float64)
     np.testing.assert_allclose(np.asarray(new.var)[[0, 2]], every[:, [0, 2]].var(0), rtol=1e-6)
+
+
+def test_virtual_batches_merge_exactly_and_count_as_batches():
+    """With ``virtual_batch_size`` each chunk is merged as its own batch: the statistics
+    are still those of all the data, and ``count`` is the number of chunks."""
+    bn = bnjax.BatchNorm(virtual_batch_size=4)
+    batches = _batches(7, (16, 16))
+    params, state = bn.init(batches[0])
+    new = bnjax.recalibrate(bn.apply, params, state, [jnp.asarray(b) for b in batches])
+    every = np.concatenate(batches).astype(np.float64)
+    np.testing.assert_allclose(new.mean, every.mean(0), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(new.var, every.var(0), rtol=1e-6)
+    assert int(new.count) == 8

@@ -2,6 +2,7 @@
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from reference import full_mask
 
 from bnjax._src.reduction import Reduction, expand_mask
@@ -13,7 +14,15 @@ def test_expand_mask_shapes():
     shape, feat = (4, 5, 3), (2,)
     assert expand_mask(None, shape, feat) is None
     assert expand_mask(jnp.ones((4, 5), bool), shape, feat).shape == (4, 5, 1)
-    assert expand_mask(jnp.ones((5,), bool), shape, feat).shape == (1, 5, 1)
+    assert expand_mask(jnp.ones((4,), bool), shape, feat).shape == (4, 1, 1)  # per example
+    assert expand_mask(jnp.ones((3,), bool), shape, feat).shape == (1, 1, 3)  # numpy
+    with pytest.raises(ValueError, match=r"mask of shape \(5,\) does not broadcast"):
+        expand_mask(jnp.ones((5,), bool), shape, feat)  # the middle axis alone: (1, 5)
+    assert expand_mask(jnp.ones((1, 5), bool), shape, feat).shape == (1, 5, 1)
+    with pytest.raises(ValueError, match=r"ambiguous: read .* on axes \(2,\) .* on axes \(0,\)"):
+        expand_mask(jnp.ones((3,), bool), (3, 5, 3), feat)
+    # NHWC with a batch as wide as the image: one flag per example, not ambiguous
+    assert expand_mask(jnp.ones((8,), bool), (8, 4, 8, 3), (3,)).shape == (8, 1, 1, 1)
     assert expand_mask(jnp.ones((4, 1), bool), shape, feat).shape == (4, 1, 1)
     assert expand_mask(jnp.ones((4, 5, 3), bool), shape, feat).shape == (4, 5, 3)
     assert expand_mask(jnp.ones((4, 5), bool), (2, 3, 4, 5), (1,)).shape == (1, 1, 4, 5)

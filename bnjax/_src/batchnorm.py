@@ -188,7 +188,7 @@ class BatchNorm:
 
     def apply(
         self, params, state, x, *, training, update_stats=None, mask=None
-    ) -> tuple[jax.Array, BatchNormState]:
+    ) -> tuple[jax.Array, BatchNormState | PopulationAccumulator]:
         """Normalizes ``x`` and returns the new running state.
 
         One call is one computation, ``(y, moments)``, then one update of ``state`` by the
@@ -205,8 +205,12 @@ class BatchNorm:
             with the running statistics in ``state``.
           update_stats: average this batch into the running statistics; defaults to
             ``training``. When False, the returned state is ``state`` itself.
-          mask: optional bool array, the shape of ``x`` without its feature axes (or
-            broadcastable to it, or to ``x``); False entries are left out of the statistics.
+          mask: optional bool array; False entries are left out of the statistics. Of
+            ``x``'s rank it broadcasts with numpy's rules; of lower rank it is one flag per
+            example (``x``'s leading axes: ``(N,)``, ``(N, L)``), ``x`` without its feature
+            axes (``(N, H, W)`` for NCHW), or numpy's trailing axes, whichever fits; one
+            that fits two ways is refused (``reduction.expand_mask``). A mask of ``x``'s
+            rank (``mask[:, None, None, None]``) never depends on the batch size.
 
         Returns:
           ``(y, new_state)``: ``y`` has the shape of ``x`` and dtype ``self.dtype`` (or

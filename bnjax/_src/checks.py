@@ -118,7 +118,11 @@ def check_update(state, moments) -> None:
     big = jnp.finfo(dtype).max
     finite = jnp.isfinite(moments.mean) & jnp.isfinite(moments.scaled_var)
     overflow = finite & ((moments.var > big) | (jnp.abs(moments.mean) > big))
-    bad = _count(overflow & (moments.count > 0))
+    # Without a mask each chunk's count is a scalar: stacked over virtual batches it is
+    # (chunks,), which must pair with the chunk axis of the keep-dims moments.
+    count = jnp.asarray(moments.count)
+    count = jnp.reshape(count, count.shape + (1,) * (moments.var.ndim - count.ndim))
+    bad = _count(overflow & (count > 0))
     checkify.check(bad == 0, UNREPRESENTABLE, bad=bad)
 
 

@@ -124,9 +124,10 @@ def bool_mask(mask) -> jax.Array | None:
     """Flax's masks are any array-like (nonzero counts): ``mask`` as a bool array.
 
     Its shape is then read by the core (``reduction.expand_mask``), one rule for the core
-    and the wrappers: every mask Flax accepts means what it means in Flax, except one that
-    also reads as one flag per example (``(4,)`` against ``(4, 4)``), which is refused as
-    ambiguous rather than guessed.
+    and the wrappers: a mask Flax accepts means what it means in Flax, unless its lower
+    rank also fits another reading (``(4,)`` against ``(4, 4)`` also reads as one flag per
+    example; ``(N, H, W)`` against NCHW ``x`` with ``N == C``), which is refused rather
+    than guessed. Masks of ``x``'s rank are never refused for that.
 
     Raises:
       TypeError: ``mask`` cannot be converted to an array.

@@ -42,7 +42,9 @@ def _features(bn, state, kernel, kind: str) -> int:
 def _fold(bn, params, state, kernel, bias, kind: str):
     out = _features(bn, state, kernel, kind)
     kernel = jnp.asarray(kernel)
-    acc = accumulation_dtype(kernel.dtype, state.var.dtype)
+    # An integer kernel (int64 under x64 too) computes in float: at least float32.
+    inexact = jnp.issubdtype(kernel.dtype, jnp.inexact)
+    acc = accumulation_dtype(kernel.dtype if inexact else jnp.float32, state.var.dtype)
     a = lax.rsqrt(state.var.astype(acc) + jnp.asarray(bn.epsilon, acc))
     if bn.scale:
         a = a * params.scale.astype(acc)

@@ -162,9 +162,10 @@ class BatchNorm(nnx.Module):
           x: array of any shape with the feature axes of ``axis``; integer and bool
             inputs are promoted by ``promote_dtype`` (to float32 by default), as in Flax.
           use_running_average: overrides the attribute when not None.
-          mask: optional array broadcastable to ``x`` under numpy's rules, as in Flax
-            (trailing dimensions aligned: for ``x`` of shape ``(N, C)`` use ``(N, 1)``,
-            not ``(N,)``); False (zero) entries are left out of the statistics.
+          mask: optional array (nonzero counts) read as in the core: Flax's numpy
+            broadcasting, plus one flag per example (``(N,)`` for any rank of ``x``); a
+            lower-rank mask that fits two ways (``(4,)`` against ``(4, 4)``) is refused.
+            False (zero) entries are left out of the statistics.
           update_stats: bnjax's option: average this batch into the stored statistics;
             defaults to ``not use_running_average``.
 

@@ -35,7 +35,7 @@ class PopulationAccumulator(NamedTuple):
       delta: the accumulated mean minus ``pivot``.
       m2: the sum of squared deviations from the mean.
       batches: int32 scalar, batches merged.
-      ddof: float scalar, 1 for ``running_var="unbiased"`` else 0 (set by ``apply``).
+      ddof: float scalar, 1 for ``running_var="unbiased"`` else 0 (set by :func:`merge`).
     """
 
     state: BatchNormState

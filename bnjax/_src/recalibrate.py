@@ -35,7 +35,9 @@ def recalibrate(model_apply: Callable, params, state, batches: Iterable, *, jit:
     The model runs in training mode (batch statistics, as in training) over ``batches``
     with the given ``params``; every :class:`BatchNormState` in ``state``, nested anywhere
     in the pytree, comes back with the exact mean and population variance of its layer's
-    input over all the batches, and ``count`` set to the number of batches.
+    input over all the batches, and ``count`` set to the number of batches (of virtual
+    batches, for a layer with ``virtual_batch_size``: each is merged as its own batch, as
+    training averages each in).
 
     Args:
       model_apply: ``(params, state, x, *, training) -> (y, new_state)``, the signature

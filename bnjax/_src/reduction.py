@@ -27,8 +27,12 @@ def expand_mask(mask, x_shape, feat_axes):
       features);
     * per example: leading axes aligned (``(N,)`` for any rank of ``x``, ``(N, L)`` for
       sequences);
-    * as ``x`` without its feature axes: numpy's broadcasting against the reduced axes
-      (``(N, H, W)`` against NCHW ``x``, ``(L,)`` against ``(N, L, C)``).
+    * ``x`` without its feature axes: one mask axis per reduced axis, in order (``(N, H,
+      W)`` against NCHW ``x``).
+
+    (Broadcasting against ``x`` without its feature axes, which would place ``(N,)`` on
+    the W axis of NHWC ``x``, is not a reading: with a batch as wide as the image it would
+    make the commonest mask ambiguous.)
 
     The readings that fit the shapes (every mask dimension 1 or the size of the axis it
     lands on) must place the mask's non-1 axes alike; a mask that fits two different ways
@@ -77,8 +81,8 @@ def _readings(k: int, ndim: int, feat_axes) -> dict[str, tuple[int, ...]]:
     if k < ndim:
         readings["per example (leading axes aligned)"] = tuple(range(k))
         reduced = tuple(i for i in range(ndim) if i not in feat_axes)
-        if k <= len(reduced):  # numpy's broadcasting against x without its feature axes
-            readings["as x without its feature axes"] = reduced[len(reduced) - k :]
+        if k == len(reduced):
+            readings["as x without its feature axes"] = reduced
     return readings
 
 
