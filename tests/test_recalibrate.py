@@ -217,3 +217,35 @@ def test_virtual_batches_merge_exactly_and_count_as_batches():
     np.testing.assert_allclose(new.mean, every.mean(0), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(new.var, every.var(0), rtol=1e-6)
     assert int(new.count) == 8
+
+
+def _masked_recalibration(batches, masks):
+    bn = bnjax.BatchNorm()
+
+    def apply(params, state, xm, *, training):
+        x, m = xm
+        return bn.apply(params, state, x, training=training, mask=m)
+
+    params, state = bn.init(batches[0])
+    data = [(jnp.asarray(x), jnp.asarray(m)) for x, m in zip(batches, masks, strict=True)]
+    return bnjax.recalibrate(apply, params, state, data)
+
+
+def test_fully_masked_batch_is_not_merged_nor_counted():
+    batches = _batches(8, (16, 16, 16))
+    masks = [np.ones((16, 3), bool) for _ in batches]
+    masks[1][:] = False
+    new = _masked_recalibration(batches, masks)
+    kept = np.concatenate([batches[0], batches[2]]).astype(np.float64)
+    np.testing.assert_allclose(new.var, kept.var(0), rtol=1e-6)
+    assert int(new.count) == 2
+
+
+def test_feature_with_one_element_in_a_batch_takes_it():
+    batches = _batches(9, (16, 16))
+    masks = [np.ones((16, 3), bool) for _ in batches]
+    masks[1][1:, 2] = False  # feature 2 counts one element of batch 1
+    new = _masked_recalibration(batches, masks)
+    feature = np.concatenate([batches[0][:, 2], batches[1][:1, 2]]).astype(np.float64)
+    np.testing.assert_allclose(new.mean[2], feature.mean(), rtol=1e-6)
+    np.testing.assert_allclose(new.var[2], feature.var(), rtol=1e-6)
