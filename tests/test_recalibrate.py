@@ -249,3 +249,21 @@ def test_feature_with_one_element_in_a_batch_takes_it():
     feature = np.concatenate([batches[0][:, 2], batches[1][:1, 2]]).astype(np.float64)
     np.testing.assert_allclose(new.mean[2], feature.mean(), rtol=1e-6)
     np.testing.assert_allclose(new.var[2], feature.var(), rtol=1e-6)
+
+
+def test_default_compiles_one_step_per_batch_shape():
+    """``jit=True`` by default: the model is traced once per batch shape, not per batch."""
+    bn = bnjax.BatchNorm()
+    calls = []
+
+    def apply(params, state, x, *, training):
+        calls.append(x.shape)
+        return bn.apply(params, state, x, training=training)
+
+    batches = [jnp.asarray(b) for b in _batches(10, (8, 8, 8, 4))]
+    params, state = bn.init(batches[0])
+    bnjax.recalibrate(apply, params, state, batches)
+    assert calls == [(8, 3), (4, 3)]
+    calls.clear()
+    bnjax.recalibrate(apply, params, state, batches, jit=False)
+    assert len(calls) == 4
