@@ -33,6 +33,28 @@ def test_expand_mask_shapes():
     )
 
 
+def test_expand_mask_refusals_name_the_mask():
+    shape, feat = (4, 5, 3), (2,)
+    with pytest.raises(TypeError, match=r"^mask must be a bool array; got dtype int32"):
+        expand_mask(jnp.ones((4,), jnp.int32), shape, feat)
+    with pytest.raises(TypeError, match=r"^mask must be a bool array; got dtype None"):
+        expand_mask([True] * 4, shape, feat)
+    with pytest.raises(ValueError, match=r"^mask of shape \(4, 5, 3, 1\) does not broadcast"):
+        expand_mask(jnp.ones((4, 5, 3, 1), bool), shape, feat)  # more dimensions than x
+    with pytest.raises(ValueError, match=r"^mask of shape \(4, 5, 2\) does not broadcast"):
+        expand_mask(jnp.ones((4, 5, 2), bool), shape, feat)
+
+
+def test_expand_mask_size_one_dimensions_are_never_ambiguous():
+    """Dimensions of size 1 broadcast under every reading: only the others place a mask."""
+    assert expand_mask(jnp.ones((1,), bool), (4, 4), (1,)).shape == (1, 1)
+    assert expand_mask(jnp.ones((), bool), (4, 4), (1,)).shape == (1, 1)
+    assert expand_mask(jnp.ones((4, 1), bool), (4, 4), (1,)).shape == (4, 1)
+    assert expand_mask(jnp.ones((1, 4), bool), (4, 4), (1,)).shape == (1, 4)
+    got = expand_mask(jnp.asarray([True, False, True, True]), (4, 3), (1,))
+    np.testing.assert_array_equal(got, [[True], [False], [True], [True]])
+
+
 def test_reduction_counts_sums_and_maxima_match_numpy():
     x = RNG.normal(0.0, 1.0, (4, 5, 3)).astype(np.float32)
     mask = RNG.random((4, 5)) < 0.6
