@@ -267,3 +267,20 @@ def test_default_compiles_one_step_per_batch_shape():
     calls.clear()
     bnjax.recalibrate(apply, params, state, batches, jit=False)
     assert len(calls) == 4
+
+
+def test_unbiased_feature_with_one_element_keeps_its_statistics():
+    """The unbiased variance of one element is undefined: as the running average does,
+    recalibration keeps that feature's statistics (it returned variance 0)."""
+    bn = bnjax.BatchNorm(running_var="unbiased")
+    x = jnp.asarray(_batches(11, (8,))[0])
+    mask = np.ones((8, 3), bool)
+    mask[1:, 1] = False  # feature 1 counts one element in all
+
+    def apply(params, state, x, *, training):
+        return bn.apply(params, state, x, training=training, mask=jnp.asarray(mask))
+
+    params, state = bn.init(x)
+    new = bnjax.recalibrate(apply, params, state, [x])
+    assert (float(new.mean[1]), float(new.var[1])) == (0.0, 1.0)
+    np.testing.assert_allclose(new.var[0], np.var(np.asarray(x)[:, 0], ddof=1), rtol=1e-6)

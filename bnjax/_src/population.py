@@ -69,11 +69,11 @@ def start(state: BatchNormState) -> PopulationAccumulator:
 def finish(population: PopulationAccumulator) -> BatchNormState:
     """The running state holding the accumulated population mean and variance.
 
-    A feature that counted no element in any batch (and a layer that merged no batch)
-    keeps its original statistics.
+    A feature that counted no element in any batch (one, for the unbiased variance, which
+    needs two), and a layer that merged no batch, keep their original statistics.
     """
     old = population.state
-    seen = population.count > 0
+    seen = population.count > population.ddof
     var = population.m2 / jnp.maximum(population.count - population.ddof, 1)
     new = BatchNormState(
         mean=jnp.where(seen, population.mean, old.mean),
