@@ -253,7 +253,8 @@ APPLY_ERRORS = {
         _apply(params={"scale": 1}),
         TypeError,
         r"params must be a BatchNormParams with fields \('scale', 'bias'\); "
-        r"got dict without \['scale', 'bias'\]",
+        r"got a dict with keys \['scale'\]\. Flax variables convert with "
+        r"bnjax\.interop\.from_flax\(variables\)",
     ),
     "state_swapped": (
         _apply(state=PARAMS),
@@ -275,7 +276,8 @@ APPLY_ERRORS = {
         _apply(mask=jnp.ones(5, bool)),
         ValueError,
         r"mask of shape \(5,\) does not broadcast to x of shape \(4, 3\); "
-        r"expected the shape of x without its feature axes \(4,\)",
+        r"expected a shape broadcastable to x \(numpy's rules\), x's leading dimensions "
+        r"\(one flag per example, e.g. \(4,\)\), or x without its feature axes \(4,\)",
     ),
     "mask_too_long": (
         _apply(x=jnp.ones((4, 2, 3), jnp.float32), mask=jnp.ones((4, 2, 3, 1), bool)),
