@@ -31,7 +31,7 @@ MODULES = {
     "population": ["test_recalibrate.py"],
     "recalibrate": ["test_recalibrate.py"],
     "reduction": ["test_reduction.py", "test_moments.py", "test_multidevice.py"],
-    "moments": ["test_moments.py", "test_statistics.py"],
+    "moments": ["test_moments.py", "test_statistics.py", "test_lowering.py", "test_batchnorm.py"],
     "normalize": ["test_normalize.py"],
     "renorm": ["test_renorm.py"],
     "ghost": ["test_ghost.py"],
