@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from bnjax._src import averaging, ghost, population, renorm
+from bnjax._src import averaging, ghost, marks, population, renorm
 from bnjax._src import checks as runtime_checks
 from bnjax._src import validation as v
 from bnjax._src.moments import STATISTICS, accumulation_dtype, batch_moments
@@ -243,8 +243,13 @@ class BatchNorm:
             )
         if training:
             self._warn_if_one_element(x.shape, reduce_axes)
+        call_id = marks.new_call_id()
         if x.size == 0:  # nothing to learn from: inference, state kept
-            return self._inference(params, running, x, reduce_axes), state
+            y = self._inference(params, running, x, reduce_axes)
+            y = marks.mark_call(
+                y, state, call_id=call_id, training=training, update_stats=False, steps=0
+            )
+            return y, state
         y, moments = self._compute(
             params,
             running,
@@ -254,12 +259,17 @@ class BatchNorm:
             training=training,
             update_stats=update_stats,
         )
+        steps = x.shape[0] // self.virtual_batch_size if chunked else 1
+        y = marks.mark_call(
+            y, state, call_id=call_id, training=training, update_stats=update_stats, steps=steps
+        )
         if not update_stats:
             return y, state
         if self.checks:
             runtime_checks.check_update(running, moments)
         update = self._update_for(state)
-        return y, (ghost.in_order(update, state, moments) if chunked else update(state, moments))
+        new = ghost.in_order(update, state, moments) if chunked else update(state, moments)
+        return y, marks.mark_update(new, call_id=call_id)
 
     def _compute(self, params, running, x, mask, *, reduce_axes, training, update_stats):
         """The forward computation: ``(y, moments)``, the moments None when nothing will

@@ -1,0 +1,178 @@
+"""``bnjax.testing.audit``: a forgotten state update found by tracing a step, not running it.
+
+The bug batch normalization is known for is a running average that silently never
+updates (TF1's ``UPDATE_OPS``): inference then runs on the statistics of ``init``. bnjax
+returns the new state from every call, but a step can still drop it. :func:`audit`
+traces the step to a jaxpr (nothing runs: the arguments may be ``jax.ShapeDtypeStruct``),
+finds every BatchNorm call by the marks ``apply`` leaves there, and follows where each
+new state goes (bnjax/_src/tracing.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable
+
+from bnjax._src import tracing
+
+KINDS = ("discarded_update", "stale_state", "eval_updates_state", "training_in_eval",
+         "no_training_call")  # fmt: skip
+EXPECT = (None, "train", "eval")
+
+
+@dataclasses.dataclass(frozen=True)
+class Finding:
+    """One way a step mishandles a BatchNorm's state.
+
+    Attributes:
+      kind: ``"discarded_update"`` (the new statistics reach no output),
+        ``"stale_state"`` (the step returns the state it was given, unchanged, although
+        the layer updated it), ``"eval_updates_state"`` (an evaluation step averages its
+        batches into the statistics), ``"training_in_eval"`` (an evaluation step
+        normalizes with batch statistics) or ``"no_training_call"`` (a train step in
+        which no BatchNorm runs in training mode).
+      where: which BatchNorm: the Flax module path, else the path of its state in the
+        step's arguments (``bn_state['block1']``), else the source line of the call.
+      message: what happened and what to do.
+    """
+
+    kind: str
+    where: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.kind} at {self.where}: {self.message}"
+
+
+_FIELD = re.compile(r"(\.value|\['value'\])?$")
+_LEAF = re.compile(r"(\.|\[')(mean|var|count|pivot|delta)('\])?$")
+_ACC = re.compile(r"\.state$")
+
+
+def layer_name(leaf_name: str) -> str:
+    """``bn_state['block1'].mean`` -> ``bn_state['block1']``: a state leaf's layer."""
+    name = _LEAF.sub("", _FIELD.sub("", leaf_name))
+    return _ACC.sub("", name)
+
+
+def where(call: tracing.Call, traced: tracing.Traced) -> str:
+    """The most readable name of ``call``'s BatchNorm that is known."""
+    if call.label:
+        return call.label
+    for lineage in call.state_lineage:
+        if lineage is not None:
+            return layer_name(traced.in_names[lineage])
+    return call.line
+
+
+def audit(fn: Callable, *args, expect: str | None = None, **kwargs) -> list[Finding]:
+    """Finds the BatchNorm state updates that ``fn`` loses, by tracing it (nothing runs).
+
+    Every bnjax BatchNorm call inside ``fn`` is found (core, ``bnjax.linen``,
+    ``bnjax.nnx``, at any depth: inside ``jax.grad``, ``jax.vmap``, ``lax.scan``,
+    ``jax.checkpoint``, ``jax.jit``, ``shard_map``, ``nn.scan``), and each new state is
+    followed to ``fn``'s outputs. NNX modules among the arguments count as outputs as
+    they are after the call (their updates happen in place). Flax's, Haiku's or Keras's
+    own batch norms are invisible.
+
+    Args:
+      fn: the step, for example ``train_step(params, bn_state, x, y)``.
+      *args: its positional arguments. Array leaves may be arrays or
+        ``jax.ShapeDtypeStruct``; other leaves (Python numbers, strings, modules'
+        static fields) are passed as they are.
+      expect: ``"train"``: a train step, in which some BatchNorm must run in training
+        mode; ``"eval"``: an evaluation step, in which none may use batch statistics or
+        update its state; None: no expectation about modes.
+      **kwargs: its keyword arguments.
+
+    Returns:
+      The findings, in call order; empty when ``fn`` threads every state correctly.
+
+    Raises:
+      ValueError: ``expect`` is not None, ``"train"`` or ``"eval"``.
+      TypeError: ``fn`` is not callable.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, bnjax, bnjax.testing
+      >>> bn = bnjax.BatchNorm()
+      >>> params, state = bn.init((8, 3))
+      >>> def step(params, state, x):
+      ...     y, _ = bn.apply(params, state, x, training=True)  # new state dropped
+      ...     return jnp.sum(y**2), state
+      >>> x = jax.ShapeDtypeStruct((8, 3), jnp.float32)
+      >>> [f.kind for f in bnjax.testing.audit(step, params, state, x, expect="train")]
+      ['stale_state']
+    """
+    if not callable(fn):
+        raise TypeError(f"fn must be callable (the step to audit); got {fn!r}")
+    if expect not in EXPECT:
+        raise ValueError(f"expect must be None, 'train' or 'eval'; got {expect!r}")
+    traced = tracing.trace(fn, args, kwargs)
+    facts, calls = tracing.flow(traced)
+    return findings(traced, facts, calls, expect=expect)
+
+
+def findings(traced, facts, calls, *, expect) -> list[Finding]:
+    """The findings of a traced and walked step (see :func:`audit`)."""
+    reached = frozenset().union(*(f.reach for f in facts))
+    returned_same = {f.same: i for i, f in enumerate(facts) if f.same is not None}
+    out: list[Finding] = []
+    ordered = [calls[k] for k in sorted(calls)]
+    for call in ordered:
+        name = where(call, traced)
+        if expect == "eval":
+            if call.training:
+                out.append(Finding("training_in_eval", name, _TRAINING_IN_EVAL))
+            elif call.update_stats:
+                out.append(Finding("eval_updates_state", name, _EVAL_UPDATES))
+            continue
+        if not call.update_stats or call.call_id in reached:
+            continue
+        stale = [returned_same[s] for s in call.state_same if s in returned_same]
+        if stale:
+            leaf = traced.out_names[stale[0]]
+            out.append(Finding("stale_state", name, _STALE.format(leaf=leaf, mode=_mode(call))))
+        else:
+            out.append(Finding("discarded_update", name, _DISCARDED.format(mode=_mode(call))))
+    if expect == "train" and not any(c.training for c in ordered):
+        if not ordered:
+            return out + [Finding("no_training_call", traced.fn_name,
+                                  _NO_BATCHNORM)]  # fmt: skip
+        out += [Finding("no_training_call", where(c, traced), _NO_TRAINING) for c in ordered]
+    return out
+
+
+def _mode(call: tracing.Call) -> str:
+    return f"training={call.training}, update_stats={call.update_stats}"
+
+
+_DISCARDED = (
+    "this BatchNorm ran with {mode}, but its new state reaches none of the step's outputs, "
+    "so the next step and evaluation see the old running statistics (the forgotten "
+    "UPDATE_OPS of TF1). Return the state that apply returns (Flax linen: the updated "
+    "'batch_stats' from apply(..., mutable=['batch_stats']))."
+)
+_STALE = (
+    "the step returns {leaf}, the state it was given, unchanged, although this BatchNorm "
+    "ran with {mode} and computed a new state. Return the new state from apply instead."
+)
+_EVAL_UPDATES = (
+    "this BatchNorm runs with training=False, update_stats=True in an evaluation step: it "
+    "averages the evaluation batches into the running statistics. Pass update_stats=False "
+    "(the default with training=False)."
+)
+_TRAINING_IN_EVAL = (
+    "this BatchNorm runs with training=True in an evaluation step: it normalizes each "
+    "evaluation batch with that batch's own statistics, not the running ones. Pass "
+    "training=False (linen: use_running_average=True; NNX: call model.eval())."
+)
+_NO_TRAINING = (
+    "no BatchNorm runs in training mode in this train step, and this one runs with "
+    "training=False: its statistics never learn from the data. Pass training=True "
+    "(linen: use_running_average=False; NNX: call model.train() after evaluating)."
+)
+_NO_BATCHNORM = (
+    "no bnjax BatchNorm call was found in this train step (Flax's, Haiku's or Keras's own "
+    "batch norms are invisible to the audit)."
+)

@@ -1,0 +1,155 @@
+"""``check_train_step`` and ``check_eval_step``: run a step once and check every state.
+
+:func:`bnjax.testing.audit` reads the dataflow; these run the step (jitted) and compare
+numbers: in a train step each BatchNorm's ``count`` must advance by the number of
+batches its calls fold in, in an evaluation step no state may change. The trace tells
+which output leaf holds which layer's state after the step (its ``lineage``,
+bnjax/_src/tracing.py), so the step may return its states in any structure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import numpy as np
+
+from bnjax._src import audit as audit_lib
+from bnjax._src import tracing
+
+
+def _layers(calls: dict) -> dict[tuple, list[tracing.Call]]:
+    """The calls grouped by layer: the argument leaves their state descends from."""
+    layers: dict[tuple, list[tracing.Call]] = {}
+    for k in sorted(calls):
+        call = calls[k]
+        if all(lineage is None for lineage in call.state_lineage):
+            continue  # a state made inside the step: nothing to compare with
+        layers.setdefault(call.state_lineage, []).append(call)
+    return layers
+
+
+def _prepare(step, args, kwargs):
+    if not callable(step):
+        raise TypeError(f"step must be callable; got {step!r}")
+    traced = tracing.trace(step, args, kwargs)
+    for name, leaf in zip(traced.in_names, traced.dynamic, strict=True):
+        if isinstance(leaf, jax.ShapeDtypeStruct):
+            raise TypeError(
+                f"{name} is a jax.ShapeDtypeStruct; the step runs once, so it needs arrays "
+                "(bnjax.testing.audit takes shapes and runs nothing)"
+            )
+    facts, calls = tracing.flow(traced)
+    outs = [np.asarray(o) for o in jax.jit(traced.run)(*traced.dynamic)]
+    ins = [np.asarray(a) for a in traced.dynamic]
+    return traced, facts, calls, ins, outs
+
+
+def _returned(lineage, facts) -> list[int]:
+    return [i for i, f in enumerate(facts) if lineage is not None and f.lineage == lineage]
+
+
+def check_train_step(step: Callable, *args, **kwargs) -> None:
+    """Runs ``step`` once, jitted, and checks that every BatchNorm state advanced.
+
+    For each BatchNorm whose state comes from the arguments: it must run in training
+    mode (or update its statistics), its new state must be among the outputs (or, for
+    an NNX module, in the module), and a stored ``count`` must advance by exactly the
+    batches folded in: 1 per call, the number of ghost chunks with
+    ``virtual_batch_size``, times the length of the enclosing ``lax.scan``\\ s (at least 1
+    inside a while loop). States stored without a count (the Flax wrappers' default)
+    must change. A ``PopulationAccumulator`` must change. The arguments are not changed,
+    NNX modules included.
+
+    Args:
+      step: the train step, as for :func:`bnjax.testing.audit`.
+      *args, **kwargs: its arguments, concrete arrays (the step runs).
+
+    Raises:
+      AssertionError: naming every BatchNorm whose state did not advance as expected.
+      TypeError: ``step`` is not callable, or an argument is a ``jax.ShapeDtypeStruct``.
+    """
+    traced, facts, calls, ins, outs = _prepare(step, args, kwargs)
+    problems = []
+    if not calls:
+        problems.append(f"no bnjax BatchNorm call was found in {traced.fn_name}")
+    for lineage, layer in _layers(calls).items():
+        name = audit_lib.where(layer[0], traced)
+        problems += [f"{name}: {p}" for p in _train_problems(lineage, layer, facts, ins, outs)]
+    if problems:
+        raise AssertionError(_report("train step", traced.fn_name, problems))
+
+
+def _train_problems(lineage, layer, facts, ins, outs) -> list[str]:
+    updates = [c for c in layer if c.update_stats]
+    if not updates:
+        return ["ran only with training=False and no update in a train step (a training "
+                "flag stuck at False: use_running_average=True, or an NNX module left in "
+                ".eval())"]  # fmt: skip
+    returned = [_returned(leaf, facts) for leaf in lineage]
+    if not any(returned):
+        return ["its new state is not among the step's outputs (the update was dropped)"]
+    counted = not updates[0].accumulator and len(lineage) == 3 and lineage[2] is not None
+    if counted:
+        expected, exact = 0, True
+        for c in updates:
+            if c.repeats is None:
+                exact = False
+            expected += c.steps * (c.repeats or 1)
+        if not returned[2]:
+            return ["its count is not among the step's outputs as BatchNorm left it (dropped, "
+                    "or changed after the update)"]  # fmt: skip
+        before = ins[lineage[2]].astype(np.int64)
+        advanced = [outs[i].astype(np.int64) - before for i in returned[2]]
+        fine = [a for a in advanced if (np.all(a == expected) if exact else np.all(a >= 1))]
+        if fine:
+            return []
+        got = ", ".join(str(np.unique(a).tolist()) for a in advanced)
+        want = expected if exact else "at least 1"
+        return [f"count advanced by {got}; expected {want} (batches folded in by "
+                f"{len(updates)} call(s))"]  # fmt: skip
+    changed = any(
+        not np.array_equal(outs[i], ins[leaf], equal_nan=True)
+        for leaf, rs in zip(lineage, returned, strict=True)
+        if leaf is not None
+        for i in rs
+    )
+    return [] if changed else ["its returned statistics are the ones it was given, unchanged"]
+
+
+def check_eval_step(step: Callable, *args, **kwargs) -> None:
+    """Runs ``step`` once, jitted, and checks that no BatchNorm state changed.
+
+    Every BatchNorm must run with ``training=False`` (running statistics) and without
+    an update, and every state it returns must equal, exactly, the one it was given.
+
+    Args:
+      step: the evaluation step, as for :func:`bnjax.testing.audit`.
+      *args, **kwargs: its arguments, concrete arrays (the step runs).
+
+    Raises:
+      AssertionError: naming every BatchNorm that used batch statistics or whose state
+        changed.
+      TypeError: ``step`` is not callable, or an argument is a ``jax.ShapeDtypeStruct``.
+    """
+    traced, facts, calls, ins, outs = _prepare(step, args, kwargs)
+    problems = []
+    for k in sorted(calls):
+        c = calls[k]
+        if c.training:
+            problems.append(f"{audit_lib.where(c, traced)}: ran with training=True (batch "
+                            "statistics) in an evaluation step")  # fmt: skip
+    for lineage, layer in _layers(calls).items():
+        name = audit_lib.where(layer[0], traced)
+        for leaf in lineage:
+            for i in _returned(leaf, facts):
+                if not np.array_equal(outs[i], ins[leaf], equal_nan=True):
+                    problems.append(f"{name}: {traced.out_names[i]} changed in an evaluation "
+                                    f"step (it was {traced.in_names[leaf]})")  # fmt: skip
+    if problems:
+        raise AssertionError(_report("evaluation step", traced.fn_name, problems))
+
+
+def _report(kind: str, name: str, problems: list[str]) -> str:
+    lines = "\n".join(f"  - {p}" for p in dict.fromkeys(problems))
+    return f"{kind} {name} mishandles BatchNorm state:\n{lines}"
