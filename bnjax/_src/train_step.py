@@ -98,8 +98,20 @@ def make_train_step(
         when called, ``batch`` is not a dict with ``"x"``.
 
     Example:
+      >>> import jax, jax.numpy as jnp, optax, bnjax
+      >>> from bnjax.training import TrainState, make_train_step
+      >>> bn = bnjax.BatchNorm()
+      >>> def apply(params, bn_state, x, *, training):
+      ...     return bn.apply(params, bn_state, x, training=training)
+      >>> def loss(outputs, batch):
+      ...     return jnp.mean((outputs - batch["y"]) ** 2)
+      >>> params, bn_state = bn.init((8, 3))
+      >>> state = TrainState.create(params, bn_state, optax.adam(1e-3))
       >>> step = jax.jit(make_train_step(apply, loss, optax.adam(1e-3)), donate_argnums=0)
-      >>> state, metrics = step(state, {"x": x, "y": y})  # doctest: +SKIP
+      >>> x = jnp.arange(24.0).reshape(8, 3)
+      >>> state, metrics = step(state, {"x": x, "y": jnp.zeros((8, 3))})
+      >>> int(state.step), int(state.bn_state.count)
+      (1, 1)
     """
     _check_callable(model_apply=model_apply, loss_fn=loss_fn)
     if metric_fn is not None:
