@@ -21,11 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pydantic
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
+import tomllib
 
 
 def load_config(cls: type, path, overrides: Sequence[str] = ()):

@@ -29,6 +29,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from bnjax._src import extras
 from bnjax._src import validation as v
 
 FORMAT = "bnjax-checkpoint-1"
@@ -117,7 +118,7 @@ def save(path, state, *, keep: int = 2) -> Path:
       TypeError: ``keep`` is not an int.
     """
     v.check_int("keep", keep, low=1, what="versions kept, the one just written included")
-    import orbax.checkpoint as ocp
+    ocp = _orbax()
 
     leaves = _describe(state)
     for entry in leaves:
@@ -278,7 +279,7 @@ def _compare(saved: list[dict], wanted: list[dict], version: Path) -> None:
 
 
 def _read_arrays(version: Path, like):
-    import orbax.checkpoint as ocp
+    ocp = _orbax()
 
     def target(x):
         sharding = getattr(x, "sharding", None)
@@ -294,3 +295,12 @@ def _read_arrays(version: Path, like):
             f"checkpoint {version} is corrupted or truncated: {type(e).__name__}: {detail}"
         ) from e
     return jax.tree.unflatten(treedef, jax.tree.leaves(restored))
+
+
+def _orbax():
+    """orbax.checkpoint, imported on first use (it is slow to import)."""
+    try:
+        import orbax.checkpoint as ocp
+    except ImportError as e:
+        raise extras.missing("bnjax.training.save/restore", "training", e) from e
+    return ocp

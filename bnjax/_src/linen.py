@@ -4,9 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-import flax.linen as nn
 import jax.numpy as jnp
 from jax.nn import initializers
+
+from bnjax._src import extras
+
+try:
+    import flax.linen as nn
+except ImportError as e:
+    raise extras.missing("bnjax.linen", "flax", e) from e
 
 from bnjax._src import flax_common as common
 from bnjax._src import marks

@@ -8,8 +8,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
-from flax.nnx.nn import dtypes, initializers
+
+from bnjax._src import extras
+
+try:
+    from flax import nnx
+    from flax.nnx.nn import dtypes, initializers
+except ImportError as e:
+    raise extras.missing("bnjax.nnx", "flax", e) from e
 
 from bnjax._src import flax_common as common
 from bnjax._src import validation as v

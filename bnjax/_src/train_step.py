@@ -28,8 +28,14 @@ from collections.abc import Callable, Hashable
 
 import jax
 import jax.numpy as jnp
-import optax
 from jax import lax
+
+from bnjax._src import extras
+
+try:
+    import optax
+except ImportError as e:
+    raise extras.missing("bnjax.training", "training", e) from e
 
 from bnjax._src.sharding import vary_like
 from bnjax._src.train_state import TrainState
