@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DEMO_STAMP := $(VENV)/.installed-demo
 
 .PHONY: test demo bench lint clean mutants compat
 
@@ -12,6 +13,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+# The demo needs only what its two scripts import (bnjax[demo]), not the dev tools.
+$(DEMO_STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[demo]"
+	touch $(DEMO_STAMP)
+
 lint: $(STAMP)
 	$(BIN)/ruff check bnjax tests examples benchmarks compat
 	$(BIN)/ruff format --check bnjax tests examples benchmarks compat
@@ -19,7 +27,7 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest -n auto --durations=15
 
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	$(BIN)/python examples/seed_walkthrough.py
 	$(BIN)/python examples/train_digits.py --config configs/train_digits.toml
 
