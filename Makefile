@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_STAMP := $(VENV)/.installed-demo
 
-.PHONY: test demo bench lint clean mutants compat
+.PHONY: test demo bench lint clean mutants compat docs
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ demo: $(DEMO_STAMP)
 	$(BIN)/python examples/seed_walkthrough.py
 	$(BIN)/python examples/train_digits.py --config configs/train_digits.toml
 
+# The docs site (mkdocs, warnings are errors) into site/, then its checks: every internal
+# link resolves, and with Chromium installed, pages and formulas render (scripts/build_docs.py).
+docs: $(STAMP)
+	$(BIN)/python scripts/build_docs.py
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
 
@@ -50,4 +55,4 @@ mutants: $(STAMP)
 	$(BIN)/python tests/mutants.py $(MUTANT_MODULES)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .gremlins_cache coverage compat/.cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache .gremlins_cache coverage compat/.cache build *.egg-info site docs/javascripts/mathjax
