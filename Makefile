@@ -21,8 +21,8 @@ $(DEMO_STAMP): pyproject.toml
 	touch $(DEMO_STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check bnjax tests examples benchmarks compat
-	$(BIN)/ruff format --check bnjax tests examples benchmarks compat
+	$(BIN)/ruff check bnjax tests examples benchmarks compat scripts
+	$(BIN)/ruff format --check bnjax tests examples benchmarks compat scripts
 
 test: lint
 	$(BIN)/python -m pytest -n auto --durations=15
