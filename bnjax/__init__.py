@@ -8,6 +8,7 @@
 
 from bnjax import interop, presets
 from bnjax._src.batchnorm import BatchNorm
+from bnjax._src.checks import CheckWarning
 from bnjax._src.fold import fold_into_conv, fold_into_dense
 from bnjax._src.population import PopulationAccumulator
 from bnjax._src.recalibrate import recalibrate
@@ -19,6 +20,7 @@ __all__ = [
     "BatchNorm",
     "BatchNormParams",
     "BatchNormState",
+    "CheckWarning",
     "PopulationAccumulator",
     "__version__",
     "fold_into_conv",

@@ -44,3 +44,8 @@ def maybe_jit(request):
         return jax.jit(fn, **jit_kwargs) if request.param else fn
 
     return wrap
+
+
+# Scripts, not tests: the golden-file generator needs PyTorch, and the mutation drivers
+# run pytest themselves (pytest's --doctest-modules would import them).
+collect_ignore_glob = ["golden/*.py", "mutants.py", "listed_mutants.py"]

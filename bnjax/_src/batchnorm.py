@@ -52,9 +52,14 @@ class BatchNorm:
       dtype: output dtype; None keeps the input's.
       param_dtype: dtype of ``scale`` and ``bias``.
       scale_init, bias_init: optional initializers ``(key, shape, dtype) -> array``.
-      checks: add ``jax.experimental.checkify`` checks to ``apply`` (never-updated
-        statistics in inference, non-finite inputs, bad running variance); see
-        ``bnjax/_src/checks.py``. False traces no check.
+      checks: add runtime checks to ``apply`` (statistics never updated, non-finite
+        inputs, bad running mean or variance, batch statistics beyond the state's dtype).
+        A failed check issues a ``bnjax.CheckWarning`` from a host callback
+        (``jax.debug.callback``), eagerly and under ``jit``, ``vmap``, ``scan``, ``grad``
+        or ``shard_map``; ``warnings.simplefilter("error", bnjax.CheckWarning)`` makes it
+        an error. Under ``checkify.checkify`` the failures also come back in ``err``.
+        A program with host callbacks cannot be serialized by ``jax.export``, so export
+        with ``checks=False``. See ``bnjax/_src/checks.py``. False traces no check.
       renorm: batch renormalization (``bnjax/_src/renorm.py``): in training, correct the
         batch-normalized output by ``r = clip(sigma_B / sigma, 1/rmax, rmax)`` and
         ``d = clip((mu_B - mu) / sigma, -dmax, dmax)`` towards the running statistics.

@@ -1,44 +1,84 @@
-"""Opt-in runtime checks (``BatchNorm(checks=True)``) built on ``jax.experimental.checkify``.
+"""Opt-in runtime checks (``BatchNorm(checks=True)``), reported by a host callback.
 
 Shape and dtype mistakes are caught when ``apply`` is traced, from static shapes. Some
 mistakes only show in the values: inference with statistics that were never updated, a
-NaN batch in training, a running variance that went negative or non-finite. With
-``checks=True`` ``apply`` adds a ``checkify.check`` for each of them. They cost a few
-reductions per call, so they are off by default, and when off nothing is traced at all.
+NaN batch in training, a running variance that went negative or non-finite, a batch whose
+statistics overflow the state's dtype. With ``checks=True`` ``apply`` computes a
+predicate for each (a few reductions per call) and hands the predicates and the numbers
+of the messages to one ``jax.debug.callback`` per check site. On the host, a failed check
+issues a :class:`CheckWarning`; a passed one returns at once. The checks are off by
+default, and when off nothing is traced at all.
 
-Eagerly, a failed check raises ``checkify.JaxRuntimeError`` at once. Under ``jax.jit``
-the caller functionalizes the checks and decides what to do with the error:
+This works the same eagerly and under ``jax.jit``, ``vmap``, ``lax.scan``, ``grad`` and
+``shard_map``, without any wrapping:
 
->>> import jax, jax.numpy as jnp, bnjax
->>> from jax.experimental import checkify
+>>> import warnings, jax, jax.numpy as jnp, bnjax
 >>> bn = bnjax.BatchNorm(checks=True)
 >>> params, state = bn.init((4, 2))
->>> def infer(params, state, x):
-...     return bn.apply(params, state, x, training=False)
->>> checked = jax.jit(checkify.checkify(infer, errors=checkify.user_checks))
->>> err, (y, _) = checked(params, state, jnp.ones((4, 2)))
->>> err.get() is not None  # state.count == 0: statistics never updated
-True
+>>> infer = jax.jit(lambda p, s, x: bn.apply(p, s, x, training=False))
+>>> with warnings.catch_warnings(record=True) as caught:
+...     warnings.simplefilter("always")
+...     y, _ = infer(params, state, jnp.ones((4, 2)))  # a state fresh from init
+...     jax.effects_barrier()  # callbacks run asynchronously: wait for them
+>>> [message] = [w.message for w in caught if w.category is bnjax.CheckWarning]
+>>> print(message)  # doctest: +ELLIPSIS
+BatchNorm.apply(training=False) got a state whose count is 0 and ... were never updated, ...
 
-Without ``checkify.checkify`` around it, a function that calls ``apply`` with
-``checks=True`` cannot be staged by ``jax.jit`` (JAX refuses un-functionalized checks).
+Callbacks run asynchronously: the warning may come after the jitted call returns, and
+``jax.effects_barrier()`` waits for it. Under ``vmap`` the callback takes the whole
+batch at once and the message starts with the first failing index
+(``at vmapped index 3 (and 2 more): ...``). Inside ``shard_map`` each device reports its
+own shard (the warning does not name the device; checkify's error does). Python's default
+filter shows a warning once per distinct message; use
+``warnings.simplefilter("always", bnjax.CheckWarning)`` to see every one.
 
-Inside ``jax.shard_map``, wrap the ``shard_map``-ed function with ``checkify.checkify``;
-the error names the failing device (``at mapped index 1: ...``). Build the mesh with
-``AxisType.Auto`` axes: on ``Explicit`` axes, JAX 0.10's checkify fails while gathering
-the devices' errors, whatever the check.
+To make a failed check an error, ``warnings.simplefilter("error", bnjax.CheckWarning)``.
+Eagerly the :class:`CheckWarning` is then raised by ``apply`` itself. Under ``jax.jit``
+the callback raises it on the host, and the jitted call (or, callbacks being
+asynchronous, a later call or ``jax.effects_barrier()``) raises
+``jax.errors.JaxRuntimeError`` (a ``RuntimeError``) whose message contains the callback's
+traceback, ending in ``CheckWarning: <message>``; JAX also logs that traceback
+(``jax.debug.callback failed``).
+
+Under ``checkify.checkify(f, errors=checkify.user_checks)`` each check is also a
+``checkify.debug_check``: the failed checks come back in ``err`` as before (inside
+``shard_map``, ``at mapped index 1: ...`` names the device; build the mesh with
+``AxisType.Auto`` axes, since on ``Explicit`` axes JAX 0.10's checkify fails while
+gathering the devices' errors). The warning is issued as well. Outside ``checkify``,
+``debug_check`` does nothing.
+
+A program with a host callback cannot be serialized by ``jax.export``: export a model
+built with ``checks=False``.
 """
 
 from __future__ import annotations
 
+import functools
+import warnings
+from typing import NamedTuple
+
+import jax
 import jax.numpy as jnp
+import numpy as np
+from jax import custom_batching
 from jax.experimental import checkify
 
+
+class CheckWarning(UserWarning):
+    """A ``BatchNorm(checks=True)`` runtime check failed; the message says which and why.
+
+    Make it an error with ``warnings.simplefilter("error", bnjax.CheckWarning)``: eagerly
+    ``apply`` raises it, under ``jax.jit`` the call raises ``jax.errors.JaxRuntimeError``
+    with this warning's message in it.
+    """
+
+
 NEVER_UPDATED = (
-    "BatchNorm.apply(training=False) got a state whose count is {count}: its running "
-    "statistics were never updated (still mean 0, var 1 from init), so the output is barely "
-    "normalized. Pass the state returned by apply(..., training=True) to later calls, or "
-    "estimate the statistics first with apply(..., training=False, update_stats=True)."
+    "BatchNorm.apply(training=False) got a state whose count is {count} and whose running "
+    "statistics are still exactly at their init values (mean 0, var 1): they were never "
+    "updated, so the output is barely normalized. Pass the state returned by "
+    "apply(..., training=True) to later calls, or estimate the statistics first with "
+    "apply(..., training=False, update_stats=True)."
 )
 NONFINITE_INPUT = (
     "BatchNorm.apply got x with {bad} non-finite (NaN or Inf) element(s) among those counted "
@@ -64,47 +104,133 @@ UNREPRESENTABLE = (
 )
 
 
+class Check(NamedTuple):
+    """One runtime check: ``ok`` (a bool scalar), its message and the message's numbers."""
+
+    ok: jax.Array
+    message: str
+    numbers: dict[str, jax.Array]
+
+
 def _count(condition) -> jnp.ndarray:
     return jnp.sum(condition, dtype=jnp.int32)
 
 
-def check_state(state, *, training: bool, update_stats: bool) -> None:
-    """Checks the running statistics that ``apply`` is about to use or update.
+def _warn_failed(messages, oks, numbers) -> None:
+    """The host side: one :class:`CheckWarning` per failed check, nothing otherwise.
 
-    ``training=False, update_stats=True`` on a count-0 state is recalibration, the way to
-    estimate statistics without using batch statistics, so it passes the count check.
+    Under ``vmap`` every value carries the mapped axes in front (see :func:`_reporter`);
+    the message then reports the numbers of the first failing index.
+    """
+    for message, ok, values in zip(messages, oks, numbers, strict=True):
+        ok = np.asarray(ok)
+        if ok.all():
+            continue
+        failed = np.argwhere(~ok)
+        first = tuple(int(i) for i in failed[0])
+        text = message.format(**{k: np.asarray(v)[first].item() for k, v in values.items()})
+        if first:
+            where = first[0] if len(first) == 1 else first
+            more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
+            text = f"at vmapped index {where}{more}: {text}"
+        warnings.warn(CheckWarning(text), stacklevel=1)
+
+
+@functools.cache
+def _reporter(messages: tuple[str, ...]):
+    """The traced side of :func:`report` for one tuple of messages.
+
+    ``jax.debug.callback`` alone is batched by unrolling: one callback per mapped index,
+    which takes seconds to compile for a vmap of a few hundred. Under ``custom_vmap`` the
+    mapped values go to one callback instead, every one broadcast to the mapped axes so
+    that the host indexes them alike; nested vmaps stack their axes in front.
+    """
+
+    @custom_batching.custom_vmap
+    def callback(oks, numbers):
+        jax.debug.callback(functools.partial(_warn_failed, messages), oks, numbers)
+        return oks
+
+    @callback.def_vmap
+    def _batched(axis_size, in_batched, oks, numbers):
+        def spread(value, batched):
+            return value if batched else jnp.broadcast_to(value, (axis_size, *value.shape))
+
+        oks, numbers = jax.tree.map(spread, (oks, numbers), tuple(in_batched))
+        return callback(oks, numbers), jax.tree.map(lambda _: True, oks)
+
+    return callback
+
+
+def report(checks: list[Check]) -> None:
+    """Reports failed checks: a ``checkify.debug_check`` each, and one host callback.
+
+    Args:
+      checks: the checks of one call site; each ``ok`` a bool scalar, each number an
+        int scalar.
+    """
+    for check in checks:
+        checkify.debug_check(check.ok, check.message, **check.numbers)
+    messages = tuple(check.message for check in checks)
+    _reporter(messages)(
+        tuple(check.ok for check in checks), tuple(check.numbers for check in checks)
+    )
+
+
+def state_checks(state, *, training: bool, update_stats: bool) -> list[Check]:
+    """The checks of the running statistics that ``apply`` is about to use or update.
+
+    The never-updated check fires only on a count of 0 with the statistics still exactly
+    at init (mean all 0, var all 1). Statistics imported without a count
+    (``interop.from_flax``, ``from_keras``, Flax variables) come with a count of 0 but
+    trained values, and pass. ``training=False, update_stats=True`` on a fresh state is
+    recalibration, the way to estimate statistics without using batch statistics, so it
+    is not checked for that.
 
     Args:
       state: the ``BatchNormState`` given to ``apply``; ``mean`` and ``var`` of the
         feature shape, ``count`` an int scalar.
       training: the ``training`` argument of ``apply``.
       update_stats: the resolved ``update_stats`` argument of ``apply``.
+
+    Returns:
+      The checks, for :func:`report`.
     """
+    mean, var = jnp.asarray(state.mean), jnp.asarray(state.var)
+    checks = []
     if not training and not update_stats:
-        count = jnp.asarray(state.count)
-        checkify.check(count > 0, NEVER_UPDATED, count=count)
-    var = jnp.asarray(state.var)
+        count = jnp.asarray(state.count, jnp.int32)
+        at_init = (count == 0) & jnp.all(mean == 0) & jnp.all(var == 1)
+        checks.append(Check(~at_init, NEVER_UPDATED, {"count": count}))
     negative, nonfinite = _count(var < 0), _count(~jnp.isfinite(var))
-    checkify.check(
-        (negative == 0) & (nonfinite == 0), BAD_RUNNING_VAR, negative=negative, nonfinite=nonfinite
+    checks.append(
+        Check(
+            (negative == 0) & (nonfinite == 0),
+            BAD_RUNNING_VAR,
+            {"negative": negative, "nonfinite": nonfinite},
+        )
     )
-    nonfinite_mean = _count(~jnp.isfinite(jnp.asarray(state.mean)))
-    checkify.check(nonfinite_mean == 0, BAD_RUNNING_MEAN, nonfinite=nonfinite_mean)
+    nonfinite_mean = _count(~jnp.isfinite(mean))
+    checks.append(Check(nonfinite_mean == 0, BAD_RUNNING_MEAN, {"nonfinite": nonfinite_mean}))
+    return checks
 
 
-def check_input(x, mask) -> None:
-    """Checks that every element counted in the batch statistics is finite.
+def input_check(x, mask) -> Check:
+    """The check that every element counted in the batch statistics is finite.
 
     Args:
       x: the input of ``apply``, any shape.
       mask: None, or a bool mask already reshaped to broadcast against ``x``; elements
         it leaves out may hold anything, NaN included.
+
+    Returns:
+      The check, for :func:`report`.
     """
     bad = ~jnp.isfinite(x)
     if mask is not None:
         bad = bad & mask
     count = _count(bad)
-    checkify.check(count == 0, NONFINITE_INPUT, bad=count)
+    return Check(count == 0, NONFINITE_INPUT, {"bad": count})
 
 
 def check_update(state, moments) -> None:
@@ -123,11 +249,11 @@ def check_update(state, moments) -> None:
     count = jnp.asarray(moments.count)
     count = jnp.reshape(count, count.shape + (1,) * (moments.var.ndim - count.ndim))
     bad = _count(overflow & (count > 0))
-    checkify.check(bad == 0, UNREPRESENTABLE, bad=bad)
+    report([Check(bad == 0, UNREPRESENTABLE, {"bad": bad})])
 
 
 def check_apply(state, x, mask, *, training: bool, update_stats: bool) -> None:
-    """All runtime checks of one ``apply`` call.
+    """All runtime checks of one ``apply`` call before its update, in one callback.
 
     Args:
       state: the ``BatchNormState`` given to ``apply``.
@@ -136,6 +262,7 @@ def check_apply(state, x, mask, *, training: bool, update_stats: bool) -> None:
       training: the ``training`` argument of ``apply``.
       update_stats: the resolved ``update_stats`` argument of ``apply``.
     """
-    check_state(state, training=training, update_stats=update_stats)
+    checks = state_checks(state, training=training, update_stats=update_stats)
     if training or update_stats:
-        check_input(x, mask)
+        checks.append(input_check(x, mask))
+    report(checks)

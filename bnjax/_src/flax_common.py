@@ -9,8 +9,8 @@ The batch count that bnjax's state carries is stored (``batch_stats/count``, an 
 scalar) only when a setting reads it: ``averaging="debiased"`` or ``"cumulative"``,
 ``renorm=True`` or ``checks=True``. With the default ``averaging="ema"`` the variables are
 exactly Flax's. A count missing from the variables (Flax's own, say) counts as 0 batches for
-the running averages; the ``checks=True`` never-updated check judges such statistics by their
-values instead (see :func:`count_for_checks`).
+the running averages; the ``checks=True`` never-updated check fires only on a count of 0
+with statistics still at their init values, so loaded statistics pass.
 
 Masks are read as in the core (one rule, ``reduction.expand_mask``), which includes Flax's
 numpy broadcasting; see :func:`bool_mask`.
@@ -142,27 +142,6 @@ def bool_mask(mask) -> jax.Array | None:
         ) from None
 
 
-def count_for_checks(count, mean, var) -> jax.Array:
-    """The batch count that ``checks=True``'s never-updated check sees in inference.
-
-    Flax's variables carry no count: a count missing from them, or left at 0 while a Flax
-    state was loaded (``nnx.update``), says nothing about the statistics. Statistics that
-    differ from their init values (mean 0, var 1) were updated by someone, so they count as
-    at least 1 batch; statistics still exactly at init with a count of 0 are reported as
-    never updated. Only this check reads the count in inference without an update, so the
-    stored count is not changed. The variance and mean checks are unaffected.
-
-    Args:
-      count: the stored int32 count, or 0 when none is stored.
-      mean, var: the stored running statistics, each of the feature shape.
-
-    Returns:
-      An int32 scalar: ``count``, raised to 1 when the statistics left their init values.
-    """
-    moved = jnp.any(mean != 0) | jnp.any(var != 1)
-    return jnp.where(moved, jnp.maximum(count, 1), count).astype(jnp.int32)
-
-
 def run(core, scale, bias, stats: Stats, x, *, training, update_stats, mask):
     """One call of the core on a wrapper's variables.
 
@@ -187,8 +166,6 @@ def run(core, scale, bias, stats: Stats, x, *, training, update_stats, mask):
     """
     acc = accumulation_dtype(stats.mean.dtype, stats.var.dtype)
     count = jnp.zeros((), jnp.int32) if stats.count is None else stats.count
-    if core.checks and not training and not update_stats:
-        count = count_for_checks(count, stats.mean, stats.var)
     state = BatchNormState(mean=stats.mean.astype(acc), var=stats.var.astype(acc), count=count)
     params = BatchNormParams(scale=scale, bias=bias)
     mask = bool_mask(mask)
