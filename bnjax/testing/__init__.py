@@ -2,6 +2,8 @@
 
 ``audit`` traces a step and reports every BatchNorm whose new state is lost (nothing
 runs); ``check_train_step`` and ``check_eval_step`` run it once and check the numbers.
+``assert_eval_is_pure``, ``assert_jit_matches_eager``, ``assert_vmap_matches_loop`` and
+``assert_scan_matches_loop`` check a model's ``apply`` against each property.
 ``bnjax.testing.strategies`` holds hypothesis strategies (``pip install 'bnjax[testing]'``).
 
 >>> import jax, jax.numpy as jnp, bnjax, bnjax.testing
@@ -15,6 +17,21 @@ runs); ``check_train_step`` and ``check_eval_step`` run it once and check the nu
 """
 
 from bnjax._src.audit import Finding, audit
+from bnjax._src.properties import (
+    assert_eval_is_pure,
+    assert_jit_matches_eager,
+    assert_scan_matches_loop,
+    assert_vmap_matches_loop,
+)
 from bnjax._src.step_checks import check_eval_step, check_train_step
 
-__all__ = ["Finding", "audit", "check_eval_step", "check_train_step"]
+__all__ = [
+    "Finding",
+    "assert_eval_is_pure",
+    "assert_jit_matches_eager",
+    "assert_scan_matches_loop",
+    "assert_vmap_matches_loop",
+    "audit",
+    "check_eval_step",
+    "check_train_step",
+]
