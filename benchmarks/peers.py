@@ -8,7 +8,8 @@ training)`` returns ``(y, new_state)`` with ``y`` in the dtype of ``x``, and
 ``running_var(static, state)`` returns the running variance as a vector of features.
 Features are on the last axis. A library that does not import is left out (see
 :func:`available`). bnjax appears three times: ``"bnjax"`` (``statistics="auto"``, what
-users get on this backend) and each statistics path forced.
+users get on this backend) and each statistics path forced; ``"bnjax.equinox"`` is its
+Equinox layer, built and called as the ``"equinox"`` row's.
 """
 
 from __future__ import annotations
@@ -154,6 +155,24 @@ def _equinox():
     return Impl("equinox", "equinox", init, forward, running_var)
 
 
+def _bnjax_equinox():
+    """``bnjax.equinox.BatchNorm``, built and called exactly as the Equinox row's layer."""
+    import equinox as eqx
+
+    import bnjax.equinox
+
+    def init(shape, dtype, momentum):
+        bn, state = eqx.nn.make_with_state(bnjax.equinox.BatchNorm)(
+            shape[-1], "batch", eps=EPSILON, momentum=momentum, mode="ema", dtype=dtype
+        )
+        return (bn.weight, bn.bias), state, bn
+
+    def running_var(bn, state):
+        return state.get(bn.state_index).var
+
+    return Impl("bnjax.equinox", "bnjax", init, _equinox().forward, running_var)
+
+
 def _keras():
     import keras
 
@@ -192,7 +211,17 @@ def roofline(ab, x):
     return (x.astype(jnp.float32) * a + b).astype(x.dtype)
 
 
-FACTORIES = (_bnjax, _bnjax_checked, _bnjax_branchless, _linen, _nnx, _haiku, _equinox, _keras)
+FACTORIES = (
+    _bnjax,
+    _bnjax_checked,
+    _bnjax_branchless,
+    _linen,
+    _nnx,
+    _haiku,
+    _equinox,
+    _bnjax_equinox,
+    _keras,
+)
 
 
 def available(names=None) -> list[Impl]:

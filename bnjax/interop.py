@@ -1,4 +1,4 @@
-"""Exact checkpoint conversion between bnjax and PyTorch, Keras, Haiku and Flax.
+"""Exact checkpoint conversion between bnjax and PyTorch, Keras, Haiku, Flax and Equinox.
 
 >>> import numpy as np
 >>> from bnjax import interop
@@ -9,6 +9,7 @@
 5
 """
 
+from bnjax._src.equinox_interop import from_equinox, to_equinox
 from bnjax._src.haiku_interop import from_haiku, to_haiku
 from bnjax._src.interop import (
     from_flax,
@@ -20,10 +21,12 @@ from bnjax._src.interop import (
 )
 
 __all__ = [
+    "from_equinox",
     "from_flax",
     "from_haiku",
     "from_keras",
     "from_torch",
+    "to_equinox",
     "to_flax",
     "to_haiku",
     "to_keras",

@@ -16,6 +16,7 @@ MISSING = [
     ("flax", "import bnjax.nnx", "bnjax[flax]"),
     ("optax", "import bnjax.training", "bnjax[training]"),
     ("orbax", "from bnjax.training import save; save('/nonexistent/x', {})", "bnjax[training]"),
+    ("equinox", "import bnjax.equinox", "bnjax[equinox]"),
 ]
 
 
@@ -33,7 +34,6 @@ def test_a_missing_extra_names_it(module, code, extra):
 def test_core_imports_without_any_extra():
     program = "import sys\nfor m in ('flax', 'optax', 'orbax', 'hypothesis', 'equinox'):\n"
     program += "    sys.modules[m] = None\n"
-    program += "import bnjax, bnjax.interop, bnjax.presets, bnjax.testing"
     program += "import bnjax, bnjax.interop, bnjax.presets, bnjax.testing"
     done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
                           cwd=ROOT, timeout=120)  # fmt: skip

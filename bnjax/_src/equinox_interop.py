@@ -1,0 +1,229 @@
+"""Checkpoint conversion between bnjax and ``eqx.nn.BatchNorm`` (or ``bnjax.equinox``).
+
+An Equinox BatchNorm keeps ``weight`` and ``bias`` in the module and its statistics in an
+``eqx.nn.State``, in one of two layouts. ``mode="ema"``: a first-time flag and the running
+``(mean, var)``, copied bit for bit. ``mode="batch"``: a counter and the raw averages
+``hidden`` (the mean's started at 0, the variance's at 1), which Equinox divides by ``1 -
+momentum**counter`` in inference; bnjax keeps the quotient, the statistics Equinox
+normalizes with, computed with Equinox's own formula, so a converted layer gives Equinox's
+outputs and continues its averages exactly. The meaning of each mode comes from
+``bnjax.equinox.BatchNorm`` with the same ``mode`` (:mod:`bnjax._src.equinox`).
+
+Nothing here imports Equinox until a module is converted back (``to_equinox``).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bnjax._src.interop import as_array, as_count
+from bnjax._src.types import BatchNormParams, BatchNormState
+
+
+def _kind(bn_module) -> str:
+    """``"bnjax"``, ``"batch"`` or ``"ema"``: whose layout ``bn_module``'s state has."""
+    if hasattr(bn_module, "state_index"):
+        return "bnjax"
+    mode = getattr(bn_module, "mode", None)
+    if hasattr(bn_module, "batch_state_index") and mode in ("batch", "ema"):
+        return mode
+    raise TypeError(
+        "bn_module must be an eqx.nn.BatchNorm or a bnjax.equinox.BatchNorm; got "
+        f"{type(bn_module).__name__}"
+    )
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _equinox_average(hidden, counter, momentum: float):
+    """The statistic ``eqx.nn.BatchNorm(mode="batch")`` normalizes with in inference, by
+    Equinox's own formula."""
+    scale = jnp.where(counter == 0, 1, 1 - momentum**counter)
+    return hidden / scale
+
+
+def _average(hidden, counter, momentum):
+    with jax.numpy_dtype_promotion("standard"):  # Equinox's formula mixes int and float
+        return _equinox_average(hidden, counter, float(momentum))
+
+
+def _hidden(average: np.ndarray, counter, momentum: float) -> np.ndarray:
+    """The raw average that Equinox divides into ``average``: the float nearest ``average
+    * (1 - momentum**counter)`` that Equinox's formula maps back to ``average`` bit for bit
+    (within 2 ulps; else that product). The division is not one-to-one, so this is within
+    1 ulp of the value Equinox had."""
+    if int(counter) == 0:
+        return average
+    inverse = np.asarray(_average(np.ones((), average.dtype), counter, momentum))
+    guess = (average.astype(np.float64) / np.float64(inverse)).astype(average.dtype)
+    if average.dtype not in (np.float16, np.float32, np.float64):
+        return guess
+    down, up = np.nextafter(guess, -np.inf), np.nextafter(guess, np.inf)
+    candidates = [guess, down, up, np.nextafter(down, -np.inf), np.nextafter(up, np.inf)]
+    hidden, found = guess, np.zeros(average.shape, bool)
+    for c in candidates:
+        ok = ~found & (np.asarray(_average(c, counter, momentum)) == average)
+        hidden, found = np.where(ok, c, hidden), found | ok
+    return hidden
+
+
+def from_equinox(
+    bn_module: Any, state: Any, *, count: int | None = None
+) -> tuple[BatchNormParams, BatchNormState]:
+    """Reads an Equinox BatchNorm's parameters and its entries of an ``eqx.nn.State``.
+
+    Args:
+      bn_module: an ``eqx.nn.BatchNorm`` (``mode="batch"`` or ``"ema"``), or a
+        ``bnjax.equinox.BatchNorm``.
+      state: the ``eqx.nn.State`` holding its statistics (it stays valid).
+      count: ``mode="ema"`` keeps only whether a batch was seen: the ``state.count`` for
+        a layer that has seen one (default 1; a fresh layer gives 0). Must be None for
+        the other layouts, which keep their count.
+
+    Returns:
+      ``(params, state)`` for ``bnjax.equinox.BatchNorm`` with the same ``mode`` (or the
+      core with ``axis=0``): ``scale``/``bias`` are ``weight``/``bias`` (None without
+      ``channelwise_affine``); with ``mode="batch"`` the statistics are the ones Equinox
+      normalizes with in inference, ``hidden / (1 - momentum**counter)``, and ``count``
+      is its counter.
+
+    Raises:
+      TypeError: ``bn_module`` is not an Equinox BatchNorm, or ``count`` not an int.
+      ValueError: ``count`` is given where the layer keeps its own, or is not 0 for a
+        layer that has seen no batch.
+
+    Example:
+      >>> import equinox as eqx, bnjax
+      >>> bn, state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(3, "batch", mode="batch")
+      >>> params, bn_state = bnjax.interop.from_equinox(bn, state)
+      >>> bn_state.var.tolist(), int(bn_state.count)
+      ([1.0, 1.0, 1.0], 0)
+    """
+    kind = _kind(bn_module)
+    params = BatchNormParams(
+        scale=_optional(bn_module.weight, "weight"), bias=_optional(bn_module.bias, "bias")
+    )
+    if kind != "ema" and count is not None:
+        raise ValueError(
+            f"count={count!r} is given, but this layer ({kind!r} layout) keeps its own count; "
+            "expected count=None"
+        )
+    if kind == "bnjax":
+        stats = state.get(bn_module.state_index)
+        return params, BatchNormState(
+            mean=as_array(stats.mean, "mean"),
+            var=as_array(stats.var, "var"),
+            count=as_count(stats.count, "count"),
+        )
+    if kind == "batch":
+        counter = state.get(bn_module.batch_counter)
+        hidden = state.get(bn_module.batch_state_index)
+        mean, var = (_average(as_array(h, "hidden"), counter, bn_module.momentum) for h in hidden)
+        return params, BatchNormState(mean=mean, var=var, count=as_count(counter, "counter"))
+    seen = not bool(state.get(bn_module.ema_first_time_index))
+    if not seen and count not in (None, 0):
+        raise ValueError(
+            f"count={count!r}, but this layer has seen no batch (its first-time flag is "
+            "set); expected None or 0"
+        )
+    mean, var = state.get(bn_module.ema_state_index)
+    count = (1 if count is None else count) if seen else 0
+    return params, BatchNormState(
+        mean=as_array(mean, "mean"), var=as_array(var, "var"), count=as_count(count, "count")
+    )
+
+
+def to_equinox(
+    params: BatchNormParams, bn_state: BatchNormState, bn_module: Any, state: Any
+) -> tuple[Any, Any]:
+    """Writes bnjax's parameters and statistics into an Equinox BatchNorm and its state.
+
+    Args:
+      params: ``BatchNormParams``; ``scale`` and ``bias`` of shape ``(input_size,)``, or
+        None for a layer without ``channelwise_affine``.
+      bn_state: ``BatchNormState`` with ``mean`` and ``var`` of shape ``(input_size,)``.
+      bn_module: the ``eqx.nn.BatchNorm`` (``mode="batch"`` or ``"ema"``) or
+        ``bnjax.equinox.BatchNorm`` to fill; its dtypes are kept.
+      state: an ``eqx.nn.State`` holding its entries (it stays valid: a copy is set).
+
+    Returns:
+      ``(bn_module, state)``, new objects. ``mode="ema"``: the first-time flag is
+      ``count == 0``, the statistics are copied. ``mode="batch"``: the counter is
+      ``count`` and ``hidden`` the value nearest ``average * (1 - momentum**count)``
+      that Equinox's debiasing maps back to ``average`` exactly (its division is not
+      one-to-one, so this is within 1 ulp of the ``hidden`` Equinox had).
+
+    Raises:
+      TypeError: ``bn_module`` is not an Equinox BatchNorm.
+      ValueError: a leaf is missing, present where the layer has none, or of the wrong
+        shape.
+    """
+    import equinox as eqx
+
+    kind = _kind(bn_module)
+    if bn_module.channelwise_affine:
+        leaves = (
+            _leaf(params.scale, "params.scale", bn_module.weight),
+            _leaf(params.bias, "params.bias", bn_module.bias),
+        )
+        bn_module = eqx.tree_at(lambda m: (m.weight, m.bias), bn_module, leaves)
+    elif params.scale is not None or params.bias is not None:
+        raise ValueError(
+            "params has a scale or bias, but bn_module has channelwise_affine=False; "
+            "expected BatchNormParams(scale=None, bias=None)"
+        )
+    count = as_count(bn_state.count, "bn_state.count")
+    state = jax.tree.unflatten(*reversed(jax.tree.flatten(state)))  # State.set voids its input
+    if kind == "bnjax":
+        old = state.get(bn_module.state_index)
+        new = BatchNormState(
+            mean=_leaf(bn_state.mean, "bn_state.mean", old.mean),
+            var=_leaf(bn_state.var, "bn_state.var", old.var),
+            count=count.astype(old.count.dtype),
+        )
+        return bn_module, state.set(bn_module.state_index, new)
+    if kind == "ema":
+        old_mean, old_var = state.get(bn_module.ema_state_index)
+        stats = (
+            _leaf(bn_state.mean, "bn_state.mean", old_mean),
+            _leaf(bn_state.var, "bn_state.var", old_var),
+        )
+        state = state.set(bn_module.ema_first_time_index, jnp.asarray(int(count) == 0))
+        return bn_module, state.set(bn_module.ema_state_index, stats)
+    old_mean, old_var = state.get(bn_module.batch_state_index)
+    counter = _like(count, state.get(bn_module.batch_counter))
+    leaves = (
+        _leaf(bn_state.mean, "bn_state.mean", old_mean),
+        _leaf(bn_state.var, "bn_state.var", old_var),
+    )
+    hidden = tuple(jnp.asarray(_hidden(np.asarray(a), counter, bn_module.momentum)) for a in leaves)
+    state = state.set(bn_module.batch_counter, counter)
+    return bn_module, state.set(bn_module.batch_state_index, hidden)
+
+
+def _like(count, old) -> jax.Array:
+    """``count`` as Equinox's counter ``old``: its dtype, and weakly typed if it is (as
+    ``jnp.array(0)`` makes it), since ``State.set`` refuses any other type."""
+    if getattr(old, "weak_type", False):
+        return jnp.array(int(count))
+    return jnp.asarray(count, old.dtype)
+
+
+def _optional(leaf, name):
+    return None if leaf is None else as_array(leaf, name)
+
+
+def _leaf(value, name: str, like) -> jax.Array:
+    """``value`` as an array of ``like``'s shape and dtype, or a ValueError naming it."""
+    if value is None:
+        raise ValueError(f"{name} is None; expected an array of shape {like.shape}")
+    value = as_array(value, name)
+    if value.shape != like.shape:
+        raise ValueError(
+            f"{name} has shape {value.shape}; expected {like.shape}, the layer's input_size"
+        )
+    return value.astype(like.dtype)
