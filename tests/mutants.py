@@ -50,6 +50,15 @@ MODULES = {
     "nnx": ["test_nnx.py", "test_flax_options.py"],
     "sharding": ["test_multidevice.py", "test_training.py"],
     "types": ["test_batchnorm.py"],
+    "equinox": ["test_equinox.py"],
+    "equinox_interop": ["test_equinox.py"],
+    "marks": ["test_testing_audit.py"],
+    "tracing": ["test_testing_audit.py"],
+    "audit": ["test_testing_audit.py"],
+    "step_checks": ["test_testing_audit.py"],
+    "properties": ["test_properties.py"],
+    "strategies": ["test_strategies.py"],
+    "extras": ["test_packaging.py"],
 }
 
 
