@@ -32,7 +32,7 @@ MODULES = {
     "recalibrate": ["test_recalibrate.py"],
     "reduction": ["test_reduction.py", "test_moments.py", "test_multidevice.py"],
     "moments": ["test_moments.py", "test_statistics.py", "test_lowering.py", "test_batchnorm.py"],
-    "normalize": ["test_normalize.py"],
+    "normalize": ["test_normalize.py", "test_statistics.py", "test_renorm.py", "test_batchnorm.py"],
     "renorm": ["test_renorm.py"],
     "ghost": ["test_ghost.py"],
     "batchnorm": ["test_batchnorm.py"],
