@@ -112,8 +112,8 @@ def make_train_step(
       >>> def loss(outputs, batch):
       ...     return jnp.mean((outputs - batch["y"]) ** 2)
       >>> params, bn_state = bn.init((8, 3))
-      >>> state = TrainState.create(params, bn_state, optax.adam(1e-3))
-      >>> step = jax.jit(make_train_step(apply, loss, optax.adam(1e-3)), donate_argnums=0)
+      >>> state = TrainState.create(params, bn_state, optax.sgd(1e-2))
+      >>> step = jax.jit(make_train_step(apply, loss, optax.sgd(1e-2)), donate_argnums=0)
       >>> x = jnp.arange(24.0).reshape(8, 3)
       >>> state, metrics = step(state, {"x": x, "y": jnp.zeros((8, 3))})
       >>> int(state.step), int(state.bn_state.count)
