@@ -206,3 +206,19 @@ def test_renorm_across_devices_equals_one_device():
 def test_invalid_renorm_settings(kwargs, error, match):
     with pytest.raises(error, match=match):
         bnjax.BatchNorm(**kwargs)
+
+
+@pytest.mark.parametrize(("ramp_start", "ramp_steps"), [(2, 4), (1, 0), (0, 3), (0, 0)])
+def test_limits_follow_the_ramp_at_every_count(ramp_start, ramp_steps):
+    """The limits after ``count`` batches, against the closed form (numpy float64):
+    1 and 0 for the first ``ramp_start`` batches, then linear to ``rmax``/``dmax``."""
+    from bnjax._src.renorm import limits
+
+    rmax, dmax = 3.0, 5.0
+    for count in range(9):
+        got = limits(jnp.asarray(count, jnp.int32), jnp.float32, rmax=rmax, dmax=dmax,
+                     ramp_start=ramp_start, ramp_steps=ramp_steps)  # fmt: skip
+        t = count - ramp_start
+        frac = float(t >= 0) if ramp_steps == 0 else float(np.clip(t / ramp_steps, 0, 1))
+        np.testing.assert_allclose([float(g) for g in got],
+                                   [1 + frac * (rmax - 1), frac * dmax], rtol=1e-6)  # fmt: skip
