@@ -176,7 +176,7 @@ def test_state_update_from_a_python_counter_fails_scan():
         counter[0] += 1  # a trace-time constant inside the scan, one per call in a loop
         return y, new._replace(count=new.count + counter[0])
 
-    match = r"assert_scan_matches_loop.*scanned state\.count vs looped state\.count"
+    match = r"assert_scan_matches_loop.*scanned new_state\.count vs looped new_state\.count"
     with pytest.raises(AssertionError, match=match):
         assert_scan_matches_loop(apply, params, state, XS, training=True)
 

@@ -96,19 +96,8 @@ def mark_call(y, state, *, call_id: int, training: bool, update_stats: bool, ste
     Returns:
       ``y``, unchanged.
     """
-    leaves = jax.tree.leaves(state)
-    out = mark_p.bind(
-        y,
-        *leaves,
-        role="call",
-        call_id=call_id,
-        label=_label.get(),
-        training=training,
-        update_stats=update_stats,
-        steps=steps,
-        accumulator=isinstance(state, PopulationAccumulator),
-    )
-    return out[0]
+    flags = {"training": training, "update_stats": update_stats, "steps": steps}
+    return _bind([y, *jax.tree.leaves(state)], state, role="call", call_id=call_id, **flags)[0]
 
 
 def mark_update(state, *, call_id: int):
@@ -122,14 +111,11 @@ def mark_update(state, *, call_id: int):
       ``state``, unchanged.
     """
     leaves, tree = jax.tree.flatten(state)
-    out = mark_p.bind(
-        *leaves,
-        role="update",
-        call_id=call_id,
-        label=_label.get(),
-        training=False,
-        update_stats=True,
-        steps=0,
-        accumulator=isinstance(state, PopulationAccumulator),
-    )
-    return jax.tree.unflatten(tree, out)
+    flags = {"training": False, "update_stats": True, "steps": 0}
+    return jax.tree.unflatten(tree, _bind(leaves, state, role="update", call_id=call_id, **flags))
+
+
+def _bind(operands, state, **params):
+    """The mark over ``operands``, labelled, and flagged when ``state`` is an accumulator."""
+    accumulator = isinstance(state, PopulationAccumulator)
+    return mark_p.bind(*operands, label=_label.get(), accumulator=accumulator, **params)

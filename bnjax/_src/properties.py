@@ -155,17 +155,7 @@ def assert_vmap_matches_loop(
     looped = _stack([run(params, state, _batch(xs, i)) for i in range(n)], "looped calls")
     mapped = jax.vmap(run, in_axes=(None, None, 0))(params, state, xs)
     prop = f"assert_vmap_matches_loop (training={training}, {n} batches)"
-    _assert_trees_match(
-        mapped[0], looped[0], prop=prop, names=("vmapped y", "looped y"), tol=tol, stacked=True
-    )
-    _assert_trees_match(
-        mapped[1],
-        looped[1],
-        prop=prop,
-        names=("vmapped new_state", "looped new_state"),
-        tol=tol,
-        stacked=True,
-    )
+    _assert_stacks_match(mapped, looped, prop=prop, how="vmapped", tol=tol)
 
 
 def assert_scan_matches_loop(
@@ -217,17 +207,14 @@ def assert_scan_matches_loop(
     looped = _stack([(y, s) for y, s in zip(ys, states, strict=True)], "looped calls")
 
     _, scanned = jax.lax.scan(_scan_step(model_apply, training), (params, state), xs)
-    _assert_trees_match(
-        scanned[0], looped[0], prop=prop, names=("scanned y", "looped y"), tol=tol, stacked=True
-    )
-    _assert_trees_match(
-        scanned[1],
-        looped[1],
-        prop=prop,
-        names=("scanned state", "looped state"),
-        tol=tol,
-        stacked=True,
-    )
+    _assert_stacks_match(scanned, looped, prop=prop, how="scanned", tol=tol)
+
+
+def _assert_stacks_match(got, looped, *, prop, how, tol) -> None:
+    """``(ys, states)`` stacked over batches by ``how`` against the loop's, leaf by leaf."""
+    for part, name in enumerate(("y", "new_state")):
+        names = (f"{how} {name}", f"looped {name}")
+        _assert_trees_match(got[part], looped[part], prop=prop, names=names, tol=tol, stacked=True)
 
 
 # -- calling the model ------------------------------------------------------------------
