@@ -54,6 +54,7 @@ MODULES = {
     "equinox_interop": ["test_equinox.py"],
     "marks": ["test_testing_audit.py"],
     "tracing": ["test_testing_audit.py"],
+    "dataflow": ["test_testing_audit.py"],
     "audit": ["test_testing_audit.py"],
     "step_checks": ["test_testing_audit.py"],
     "properties": ["test_properties.py"],

@@ -224,7 +224,7 @@ def test_where_names_nested_states_and_keywords():
 
     found = audit(step, PARAMS, states, x=X)
     assert kinds(found) == [("stale_state", "states['block2']")]
-    assert "output['block2'].mean" in found[0].message
+    assert "returns output['block2'], the state it was given" in found[0].message
 
 
 def test_state_made_inside_is_named_by_its_line():
@@ -447,3 +447,74 @@ def test_marks_cost_nothing():
 
 MARK = dict(role="call", call_id=-1, label=None, training=True, update_stats=True, steps=1,
             accumulator=False)  # fmt: skip
+
+
+# -- cases found in review: one test each ----------------------------------------------
+
+
+def test_one_jitted_layer_reused_on_two_states():
+    """A jax.jit (or jax.checkpoint) applied to two layers holds one mark for two calls."""
+    layer = jax.jit(lambda p, s, x: BN.apply(p, s, x, training=True))
+
+    def step(params, s1, s2, x, keep_both):
+        y, n1 = layer(params, s1, x)
+        _, n2 = layer(params, s2, y)
+        return (n1, n2) if keep_both else (s1, n2)
+
+    assert audit(step, PARAMS, STATE, STATE, X, True) == []
+    assert kinds(audit(step, PARAMS, STATE, STATE, X, False)) == [("stale_state", "s1")]
+    check_train_step(step, PARAMS, STATE, STATE, X, True)
+    with pytest.raises(AssertionError, match=r"s1: count advanced by \[0\]"):
+        check_train_step(step, PARAMS, STATE, STATE, X, False)
+
+
+def test_a_metric_of_the_new_state_does_not_keep_it():
+    def step(params, state, x):
+        y, new = BN.apply(params, state, x, training=True)
+        return {"loss": jnp.mean(y), "running_var": jnp.mean(new.var)}, state
+
+    assert kinds(audit(step, PARAMS, STATE, X)) == [("stale_state", "state")]
+
+
+def test_a_state_chosen_by_where_or_cond_is_kept():
+    def skip_bad_steps(params, state, x):  # keep the old state when the loss is not finite
+        y, new = BN.apply(params, state, x, training=True)
+        ok = jnp.isfinite(jnp.sum(y))
+        return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
+
+    def two_branches(params, state, x, flag):
+        def branch(scale):
+            return lambda s: BN.apply(params, s, scale * x, training=True)[1]
+
+        return jax.lax.cond(flag, branch(1.0), branch(2.0), state)
+
+    for step, args in ((skip_bad_steps, ()), (two_branches, (jnp.asarray(True),))):
+        assert audit(step, PARAMS, STATE, X, *args, expect="train") == []
+        check_train_step(step, PARAMS, STATE, X, *args)  # one branch runs: count + 1
+
+
+def test_recomputation_under_checkpoint_counts_once():
+    def step(params, state, x):
+        def fwd(p):
+            y, new = BN.apply(p, state, x, training=True)
+            return jnp.sum(y**2), new
+
+        (_, new), grads = jax.value_and_grad(jax.checkpoint(fwd), has_aux=True)(params)
+        return grads, new
+
+    assert audit(step, PARAMS, STATE, X, expect="train") == []
+    check_train_step(step, PARAMS, STATE, X)
+
+
+def test_pmap_step_returning_the_old_state():
+    def step(params, state, x, keep):
+        def inner(x):
+            _, new = bnjax.BatchNorm(axis_name="d").apply(params, state, x, training=True)
+            return new if keep else state
+
+        return jax.pmap(inner, axis_name="d")(x)
+
+    xs = jnp.stack([X, X + 1])
+    check_train_step(step, PARAMS, STATE, xs, True)
+    with pytest.raises(AssertionError, match="state"):
+        check_train_step(step, PARAMS, STATE, xs, False)

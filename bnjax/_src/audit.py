@@ -5,7 +5,7 @@ updates (TF1's ``UPDATE_OPS``): inference then runs on the statistics of ``init`
 returns the new state from every call, but a step can still drop it. :func:`audit`
 traces the step to a jaxpr (nothing runs: the arguments may be ``jax.ShapeDtypeStruct``),
 finds every BatchNorm call by the marks ``apply`` leaves there, and follows where each
-new state goes (bnjax/_src/tracing.py).
+new state goes (bnjax/_src/tracing.py, bnjax/_src/dataflow.py).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import dataclasses
 import re
 from collections.abc import Callable
 
-from bnjax._src import tracing
+from bnjax._src import dataflow, tracing
 
 KINDS = ("discarded_update", "stale_state", "eval_updates_state", "training_in_eval",
          "no_training_call")  # fmt: skip
@@ -56,7 +56,7 @@ def layer_name(leaf_name: str) -> str:
     return _ACC.sub("", name)
 
 
-def where(call: tracing.Call, traced: tracing.Traced) -> str:
+def where(call: dataflow.Call, traced: tracing.Traced) -> str:
     """The most readable name of ``call``'s BatchNorm that is known."""
     if call.label:
         return call.label
@@ -109,16 +109,18 @@ def audit(fn: Callable, *args, expect: str | None = None, **kwargs) -> list[Find
     if expect not in EXPECT:
         raise ValueError(f"expect must be None, 'train' or 'eval'; got {expect!r}")
     traced = tracing.trace(fn, args, kwargs)
-    facts, calls = tracing.flow(traced)
-    return findings(traced, facts, calls, expect=expect)
+    facts, calls, alias = dataflow.flow(traced.jaxpr)
+    return findings(traced, facts, calls, alias, expect=expect)
 
 
-def findings(traced, facts, calls, *, expect) -> list[Finding]:
+def findings(traced, facts, calls, alias, *, expect) -> list[Finding]:
     """The findings of a traced and walked step (see :func:`audit`)."""
-    reached = frozenset().union(*(f.reach for f in facts))
+    # An update counts as kept when an output holds the new state, not when an output
+    # was merely computed from it (a metric of the running variance keeps nothing).
+    kept = {alias[uid] for f in facts for uid in f.carry}
     returned_same = {f.same: i for i, f in enumerate(facts) if f.same is not None}
     out: list[Finding] = []
-    ordered = [calls[k] for k in sorted(calls)]
+    ordered = calls
     for call in ordered:
         name = where(call, traced)
         if expect == "eval":
@@ -127,11 +129,11 @@ def findings(traced, facts, calls, *, expect) -> list[Finding]:
             elif call.update_stats:
                 out.append(Finding("eval_updates_state", name, _EVAL_UPDATES))
             continue
-        if not call.update_stats or call.call_id in reached:
+        if not call.update_stats or call.steps == 0 or call.uid in kept:
             continue
         stale = [returned_same[s] for s in call.state_same if s in returned_same]
         if stale:
-            leaf = traced.out_names[stale[0]]
+            leaf = layer_name(traced.out_names[stale[0]])
             out.append(Finding("stale_state", name, _STALE.format(leaf=leaf, mode=_mode(call))))
         else:
             out.append(Finding("discarded_update", name, _DISCARDED.format(mode=_mode(call))))
@@ -143,7 +145,7 @@ def findings(traced, facts, calls, *, expect) -> list[Finding]:
     return out
 
 
-def _mode(call: tracing.Call) -> str:
+def _mode(call: dataflow.Call) -> str:
     return f"training={call.training}, update_stats={call.update_stats}"
 
 

@@ -1,7 +1,8 @@
 """Marks that let :func:`bnjax.testing.audit` find every BatchNorm call in a jaxpr.
 
-``apply`` passes its output and its input state through ``bnjax_call``, and its new state
-through ``bnjax_update``: one primitive, identity on its operands, whose parameters say
+``apply`` passes its output and its input state through ``bnjax_mark`` with
+``role="call"``, and its new state through it with ``role="update"``: one primitive,
+identity on its operands, whose parameters say
 which call it is (a number unique per trace), where (a Flax module path when a wrapper
 knows one) and in which mode. In a jaxpr the marks are ordinary equations, so they survive
 ``jax.grad``, ``vmap``, ``lax.scan``, ``jax.checkpoint``, ``shard_map`` and nested

@@ -4,7 +4,7 @@
 numbers: in a train step each BatchNorm's ``count`` must advance by the number of
 batches its calls fold in, in an evaluation step no state may change. The trace tells
 which output leaf holds which layer's state after the step (its ``lineage``,
-bnjax/_src/tracing.py), so the step may return its states in any structure.
+bnjax/_src/dataflow.py), so the step may return its states in any structure.
 """
 
 from __future__ import annotations
@@ -15,16 +15,15 @@ import jax
 import numpy as np
 
 from bnjax._src import audit as audit_lib
-from bnjax._src import tracing
+from bnjax._src import dataflow, tracing
 
 
-def _layers(calls: dict) -> dict[tuple, list[tracing.Call]]:
-    """The calls grouped by layer: the argument leaves their state descends from."""
-    layers: dict[tuple, list[tracing.Call]] = {}
-    for k in sorted(calls):
-        call = calls[k]
-        if all(lineage is None for lineage in call.state_lineage):
-            continue  # a state made inside the step: nothing to compare with
+def _layers(calls: list) -> dict[tuple, list[dataflow.Call]]:
+    """The calls grouped by layer: the argument leaves their state descends from (a key
+    of all None: states that come from no argument leaf, made inside the step or
+    reshaped beyond recognition)."""
+    layers: dict[tuple, list[dataflow.Call]] = {}
+    for call in calls:
         layers.setdefault(call.state_lineage, []).append(call)
     return layers
 
@@ -39,7 +38,7 @@ def _prepare(step, args, kwargs):
                 f"{name} is a jax.ShapeDtypeStruct; the step runs once, so it needs arrays "
                 "(bnjax.testing.audit takes shapes and runs nothing)"
             )
-    facts, calls = tracing.flow(traced)
+    facts, calls, _ = dataflow.flow(traced.jaxpr)
     outs = [np.asarray(o) for o in jax.jit(traced.run)(*traced.dynamic)]
     ins = [np.asarray(a) for a in traced.dynamic]
     return traced, facts, calls, ins, outs
@@ -81,11 +80,19 @@ def check_train_step(step: Callable, *args, **kwargs) -> None:
 
 
 def _train_problems(lineage, layer, facts, ins, outs) -> list[str]:
+    layer = [c for c in layer if c.steps > 0]  # a zero-size batch has nothing to fold in
     updates = [c for c in layer if c.update_stats]
+    if not layer:
+        return []
     if not updates:
-        return ["ran only with training=False and no update in a train step (a training "
-                "flag stuck at False: use_running_average=True, or an NNX module left in "
-                ".eval())"]  # fmt: skip
+        modes = sorted({f"training={c.training}, update_stats=False" for c in layer})
+        stuck = not any(c.training for c in layer)
+        hint = (" (a training flag stuck at False: use_running_average=True, or an NNX "
+                "module left in .eval())") if stuck else ""  # fmt: skip
+        return [f"ran only with {' / '.join(modes)} in a train step: no update{hint}"]
+    if all(leaf is None for leaf in lineage):
+        return ["its state does not come from the step's arguments as they were given, so "
+                "which output holds it after the step cannot be told; pass the state itself"]
     returned = [_returned(leaf, facts) for leaf in lineage]
     if not any(returned):
         return ["its new state is not among the step's outputs (the update was dropped)"]
@@ -134,15 +141,14 @@ def check_eval_step(step: Callable, *args, **kwargs) -> None:
     """
     traced, facts, calls, ins, outs = _prepare(step, args, kwargs)
     problems = []
-    for k in sorted(calls):
-        c = calls[k]
+    for c in calls:
         if c.training:
             problems.append(f"{audit_lib.where(c, traced)}: ran with training=True (batch "
                             "statistics) in an evaluation step")  # fmt: skip
     for lineage, layer in _layers(calls).items():
         name = audit_lib.where(layer[0], traced)
         for leaf in lineage:
-            for i in _returned(leaf, facts):
+            for i in _returned(leaf, facts) if leaf is not None else ():
                 if not np.array_equal(outs[i], ins[leaf], equal_nan=True):
                     problems.append(f"{name}: {traced.out_names[i]} changed in an evaluation "
                                     f"step (it was {traced.in_names[leaf]})")  # fmt: skip

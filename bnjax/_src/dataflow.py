@@ -1,0 +1,290 @@
+"""What flows where in a traced step: the walk behind :mod:`bnjax.testing`.
+
+:func:`flow` walks a closed jaxpr (from bnjax/_src/tracing.py), into every nested jaxpr
+(``jit``, ``scan``, ``while``, ``cond``, ``checkpoint``, ``custom_jvp``/``custom_vjp``,
+``shard_map``, ``pmap``), and follows, for every variable, a :class:`Fact`:
+
+* ``reach``: the BatchNorm calls whose new state it depends on, by any computation;
+* ``carry``: the calls whose new state it *holds*: passed on unchanged, cast, reshaped,
+  selected (``where``, ``cond``) or stacked, but not computed with (a metric computed
+  from the new state does not hold it);
+* ``same``: the argument leaf it is, unchanged, if any (``stale`` states are these);
+* ``lineage``: the argument leaf whose BatchNorm state it descends from, unchanged or
+  updated by BatchNorm calls only (the same layer's state after the step).
+
+Every BatchNorm call is found by the marks ``apply`` leaves in the jaxpr
+(bnjax/_src/marks.py); each becomes a :class:`Call`. A call is a mark *at a place*: one
+traced function reused (a ``jax.jit`` or ``jax.checkpoint`` applied to several layers)
+holds one mark that stands for several calls, told apart by the equations around it. A
+call recomputed by ``jax.checkpoint`` for the gradient is the same call again (same mark,
+same input state) and counts once.
+
+Known limit: a state kept in a mutable ``Ref`` (``jax.new_ref``, NNX variables made with
+``ref=True``) is not followed through the writes to it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jax.extend import core as jex_core
+
+from bnjax._src.marks import mark_p
+
+# Outputs equal to the inputs, value for value.
+_IDENTITY = {
+    "copy", "device_put", "optimization_barrier", "pvary", "pbroadcast", "stop_gradient",
+    "sharding_constraint", "mesh_cast", "reshard",
+}  # fmt: skip
+# The same values in another shape: a reshaped state is still the state.
+_RESHAPE = {"reshape", "squeeze", "expand_dims"}
+# Outputs that hold their array inputs' values (stacked, cast, broadcast, updated in place).
+_HOLDS = {"convert_element_type", "concatenate", "broadcast_in_dim", "transpose",
+          "dynamic_update_slice", "pad"}  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class Fact:
+    """What is known about one variable (see the module docstring)."""
+
+    reach: frozenset = frozenset()
+    carry: frozenset = frozenset()
+    same: int | None = None
+    lineage: int | None = None
+
+
+_NONE = Fact()
+
+
+def join(a: Fact, b: Fact) -> Fact:
+    """The fact about a value that may be either ``a`` or ``b``."""
+    return Fact(
+        reach=a.reach | b.reach,
+        carry=a.carry | b.carry,
+        same=a.same if a.same == b.same else None,
+        lineage=a.lineage if a.lineage == b.lineage else None,
+    )
+
+
+@dataclasses.dataclass
+class Call:
+    """One BatchNorm ``apply`` call found in a trace.
+
+    Attributes:
+      uid: the call's number in this walk, in the order calls were found.
+      call_id: the number of its mark (one per traced ``apply``, shared by the calls of
+        a reused trace and by recomputations).
+      label: the Flax module path a wrapper gave, or None.
+      training, update_stats, steps, accumulator: as marked by ``apply``.
+      state_lineage: for each leaf of the state the call read, the argument leaf it
+        descends from (None where unknown).
+      state_same: for each leaf, the argument leaf it is unchanged, or None.
+      repeats: how many times the call runs per step (product of the enclosing scans'
+        lengths); None inside a while loop or a ``cond`` branch (at most once per pass).
+      line: the user's source line of the call.
+    """
+
+    uid: int
+    call_id: int
+    label: str | None
+    training: bool
+    update_stats: bool
+    steps: int
+    accumulator: bool
+    state_lineage: tuple
+    state_same: tuple
+    repeats: int | None
+    line: str
+
+
+def _frame(eqn) -> str:
+    """The innermost source line outside JAX, Flax and bnjax's own modules."""
+    tb = eqn.source_info.traceback
+    skip = ("/jax/", "/jaxlib/", "/flax/", "/equinox/", "/bnjax/_src/", "/bnjax/testing/")
+    for frame in tb.frames if tb is not None else ():
+        name = frame.file_name.replace("\\", "/")
+        if not any(part in name for part in skip):
+            return f"{frame.file_name}:{frame.line_num}"
+    return "unknown line"
+
+
+def _sub(param):
+    """The Jaxpr of a Jaxpr or ClosedJaxpr parameter, else None."""
+    if isinstance(param, jex_core.ClosedJaxpr):
+        return param.jaxpr
+    if isinstance(param, jex_core.Jaxpr):
+        return param
+    return None
+
+
+def _held(f: Fact, **kw) -> Fact:
+    """A value computed from ``f`` that holds its values (``carry`` kept)."""
+    return Fact(reach=f.reach, carry=f.carry, **kw)
+
+
+class _Walk:
+    """One walk over a jaxpr: the facts of the outputs and the calls found."""
+
+    def __init__(self):
+        self.calls: dict[tuple, Call] = {}  # by place: enclosing equations and the mark
+        self.sites: dict[tuple, int] = {}  # (enclosing equations, call_id) -> uid
+        self.around: list[int] = []  # ids of the equations being walked into
+        self.loops = 0  # the depth of loop bodies being walked
+
+    def jaxpr(self, jaxpr, facts, repeats, *, within=None):
+        if within is not None:
+            self.around.append(id(within))
+        env: dict = {}
+
+        def read(v):
+            return _NONE if isinstance(v, jex_core.Literal) else env.get(v, _NONE)
+
+        for v, f in zip(jaxpr.invars, facts, strict=True):
+            env[v] = f
+        for eqn in jaxpr.eqns:
+            outs = self.eqn(eqn, [read(v) for v in eqn.invars], repeats)
+            for v, f in zip(eqn.outvars, outs, strict=True):
+                env[v] = f
+        if within is not None:
+            self.around.pop()
+        return [read(v) for v in jaxpr.outvars]
+
+    def eqn(self, eqn, ins, repeats):  # noqa: PLR0911
+        name = eqn.primitive.name
+        if eqn.primitive is mark_p:
+            return self.mark(eqn, ins, repeats)
+        if name == "scan":
+            return self.scan(eqn, ins, repeats)
+        if name == "while":
+            return self.while_(eqn, ins)
+        if name == "cond":
+            index, *ops = ins
+            outs = None
+            for branch in eqn.params["branches"]:  # each branch runs at most once
+                got = self.jaxpr(branch.jaxpr, ops, None, within=eqn)
+                outs = got if outs is None else [join(a, b) for a, b in zip(outs, got, strict=True)]
+            return [dataclasses.replace(f, reach=f.reach | index.reach) for f in outs]
+        if name == "select_n":
+            pred, *cases = ins
+            out = cases[0]
+            for case in cases[1:]:
+                out = join(out, case)
+            return [dataclasses.replace(out, reach=out.reach | pred.reach)]
+        subs = [s for s in map(_sub, eqn.params.values()) if s is not None]
+        n_in, n_out = len(ins), len(eqn.outvars)
+        calls = [s for s in subs if len(s.invars) == n_in and len(s.outvars) == n_out]
+        if len(calls) == 1 and len(subs) <= 3:  # jit, checkpoint, custom_jvp/vjp, shard_map, ...
+            outs = self.jaxpr(calls[0], ins, repeats, within=eqn)
+            for s in subs:
+                if s is not calls[0]:
+                    self.jaxpr(s, [_NONE] * len(s.invars), repeats, within=eqn)
+            return outs
+        reach = frozenset().union(*(f.reach for f in ins))
+        for s in subs:  # unknown structure: every input may reach every output
+            got = self.jaxpr(s, [Fact(reach=reach)] * len(s.invars), repeats, within=eqn)
+            reach = reach.union(*(f.reach for f in got))
+        if name in _IDENTITY and n_in == n_out:
+            return list(ins)
+        if name in _RESHAPE and eqn.invars[0].aval.size == eqn.outvars[0].aval.size:
+            return [ins[0]]
+        if name in _HOLDS:
+            carry = frozenset().union(*(f.carry for f in ins))
+            one = name in ("convert_element_type", "broadcast_in_dim", "transpose")
+            lineage = ins[0].lineage if one else None  # the same values, cast or copied
+            return [Fact(reach=reach, carry=carry, lineage=lineage) for _ in eqn.outvars]
+        return [Fact(reach=reach) for _ in eqn.outvars]
+
+    def mark(self, eqn, ins, repeats):
+        p = eqn.params
+        around = tuple(self.around)
+        if p["role"] == "call":
+            state = ins[1:]
+            place = (around, id(eqn))
+            call = self.calls.get(place)
+            if call is None:
+                call = Call(
+                    uid=len(self.calls), call_id=p["call_id"], label=p["label"],
+                    training=p["training"], update_stats=p["update_stats"], steps=p["steps"],
+                    accumulator=p["accumulator"], state_lineage=(), state_same=(),
+                    repeats=repeats, line=_frame(eqn),
+                )  # fmt: skip
+                self.calls[place] = call
+            if call.state_lineage == () or self.loops:  # a loop body walked again: wider facts
+                call.state_lineage = tuple(f.lineage for f in state)
+                call.state_same = tuple(f.same for f in state)
+            self.sites[(around, p["call_id"])] = call.uid
+            return list(ins)
+        uid = self.sites.get((around, p["call_id"]))
+        if uid is None:  # not beside its call mark: the latest call of the same mark
+            uid = max((u for (_, c), u in self.sites.items() if c == p["call_id"]), default=-1)
+        call = next((c for c in self.calls.values() if c.uid == uid), None)
+        out = []
+        for i, f in enumerate(ins):
+            lineage = call.state_lineage[i] if call and i < len(call.state_lineage) else None
+            out.append(Fact(reach=f.reach | {uid}, carry=f.carry | {uid}, lineage=lineage))
+        return out
+
+    def scan(self, eqn, ins, repeats):
+        p = eqn.params
+        nc, nk = p["num_consts"], p["num_carry"]
+        body = p["jaxpr"].jaxpr
+        inner = None if repeats is None else repeats * int(p["length"])
+        consts, carry, xs = ins[:nc], ins[nc : nc + nk], ins[nc + nk :]
+        xs = [_held(f, lineage=f.lineage) for f in xs]  # slices, not the leaves
+        outs = self._loop(body, lambda c: consts + c + xs, carry, inner, eqn)
+        return outs[:nk] + [_held(f, lineage=f.lineage) for f in outs[nk:]]
+
+    def while_(self, eqn, ins):
+        p = eqn.params
+        cn, bn = p["cond_nconsts"], p["body_nconsts"]
+        bconsts, carry = ins[cn : cn + bn], ins[cn + bn :]
+        outs = self._loop(p["body_jaxpr"].jaxpr, lambda c: bconsts + c, carry, None, eqn)
+        cond = p["cond_jaxpr"].jaxpr
+        self.jaxpr(cond, [_NONE] * len(cond.invars), None, within=eqn)
+        return outs
+
+    def _loop(self, body, inputs, carry, repeats, eqn):
+        """The body walked to a fixed point of its carry; the last walk's outputs with the
+        joined carry first. Each round can only widen a fact, and a chain through the
+        carries is at most ``len(carry)`` long, so ``len(carry) + 2`` rounds suffice."""
+        nk = len(carry)
+        self.loops += 1
+        for _ in range(nk + 2):
+            outs = self.jaxpr(body, inputs(carry), repeats, within=eqn)
+            new = [join(c, o) for c, o in zip(carry, outs[:nk], strict=True)]
+            if new == carry:
+                break
+            carry = new
+        self.loops -= 1
+        return carry + outs[nk:]
+
+
+def flow(jaxpr) -> tuple[list[Fact], list[Call], dict[int, int]]:
+    """The facts of ``jaxpr``'s outputs, the BatchNorm calls in it, and their aliases.
+
+    Args:
+      jaxpr: a closed jaxpr whose inputs are the step's argument leaves, in order.
+
+    Returns:
+      ``(facts, calls, alias)``: a :class:`Fact` per output leaf; the calls in the order
+      found, a call recomputed by ``jax.checkpoint`` (same mark, same input state) listed
+      once; and ``alias``, mapping the number of every call found, recomputations
+      included, to the number of the call it is (use it on ``reach`` and ``carry``).
+    """
+    walk = _Walk()
+    inner = jaxpr.jaxpr
+    facts = [Fact(same=i, lineage=i) for i in range(len(inner.invars))]
+    outs = walk.jaxpr(inner, facts, 1)
+    calls, alias, first = [], {}, {}
+    for call in sorted(walk.calls.values(), key=lambda c: c.uid):
+        key = (call.call_id, call.state_lineage)
+        if key in first:
+            alias[call.uid] = first[key]
+            continue
+        first[key] = alias[call.uid] = call.uid
+        calls.append(call)
+    return outs, calls, alias
+
+
+def repeats_text(n: int | None) -> str:
+    return "an unknown number of times (a while loop or a cond)" if n is None else f"{n} time(s)"
