@@ -91,8 +91,10 @@ def _train_problems(lineage, layer, facts, ins, outs) -> list[str]:
                 "module left in .eval())") if stuck else ""  # fmt: skip
         return [f"ran only with {' / '.join(modes)} in a train step: no update{hint}"]
     if all(leaf is None for leaf in lineage):
-        return ["its state does not come from the step's arguments as they were given, so "
-                "which output holds it after the step cannot be told; pass the state itself"]
+        return [
+            "its state does not come from the step's arguments as they were given, so "
+            "which output holds it after the step cannot be told; pass the state itself"
+        ]
     returned = [_returned(leaf, facts) for leaf in lineage]
     if not any(returned):
         return ["its new state is not among the step's outputs (the update was dropped)"]
