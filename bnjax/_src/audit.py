@@ -73,8 +73,11 @@ def audit(fn: Callable, *args, expect: str | None = None, **kwargs) -> list[Find
     ``bnjax.nnx``, at any depth: inside ``jax.grad``, ``jax.vmap``, ``lax.scan``,
     ``jax.checkpoint``, ``jax.jit``, ``shard_map``, ``nn.scan``), and each new state is
     followed to ``fn``'s outputs. NNX modules among the arguments count as outputs as
-    they are after the call (their updates happen in place). Flax's, Haiku's or Keras's
-    own batch norms are invisible.
+    they are after the call (their updates happen in place). An update counts as kept
+    when an output holds the new state (returned as it is, cast, reshaped, chosen by
+    ``where``/``cond`` or stacked), not when an output is merely computed from it. Flax's,
+    Haiku's or Keras's own batch norms are invisible, and so are writes of a state into
+    a mutable ``Ref`` (``jax.new_ref``, NNX variables made with ``ref=True``).
 
     Args:
       fn: the step, for example ``train_step(params, bn_state, x, y)``.
