@@ -159,3 +159,15 @@ def test_int64_kernel_under_x64_folds_into_floats():
         assert jnp.issubdtype(new_b.dtype, jnp.floating)
         want = np.arange(6).reshape(2, 3) / np.sqrt(1 + 1e-5)
         np.testing.assert_allclose(np.asarray(new_k), want, rtol=1e-6)
+
+
+def test_fold_edges():
+    """Survivors of the mutation run: a 1-D conv kernel (3 dims) folds; a BatchNorm over
+    two axes does not."""
+    bn, params, state = _bn(4, seed=5)
+    kernel = jnp.asarray(np.random.default_rng(6).normal(size=(3, 2, 4)), jnp.float32)
+    k2, b2 = bnjax.fold_into_conv(bn, params, state, kernel)
+    assert k2.shape == (3, 2, 4) and b2.shape == (4,)
+    two = bnjax.BatchNorm(axis=(1, 2))
+    with pytest.raises(ValueError, match="several axes"):
+        bnjax.fold_into_dense(two, params, state, jnp.ones((5, 4)))

@@ -267,3 +267,23 @@ def test_state_threading_property(chunks, k, momentum, steps, loc, seed):
     np.testing.assert_allclose(state.mean, mean, rtol=1e-6, atol=1e-5)
     np.testing.assert_allclose(state.var, var, rtol=1e-5, atol=1e-5)
     assert int(state.count) == chunks * steps
+
+
+def test_ghost_with_a_mask_shared_by_every_row(maybe_jit):
+    """A mask whose axis 0 has size 1 applies to every chunk alike (a survivor of the
+    mutation run: the chunking of such a mask was never exercised)."""
+    rng = np.random.default_rng(4)
+    x = (rng.normal(size=(6, 4, 3)) * 2 + 1).astype(np.float32)
+    mask = np.array([[True, False, True, True]])[..., None]  # (1, 4, 1): position 1 left out
+    bn = bnjax.BatchNorm(virtual_batch_size=3, momentum=0.0)
+    params, state = bn.init(x)
+    apply = maybe_jit(bn.apply, static_argnames=("training",))
+    y, new = apply(params, state, x, training=True, mask=jnp.asarray(mask))
+    keep = mask[0, :, 0]
+    for i in (0, 3):
+        rows = x[i : i + 3][:, keep].astype(np.float64).reshape(-1, 3)
+        mu, v = rows.mean(0), rows.var(0)
+        expected = (x[i : i + 3] - mu) / np.sqrt(v + 1e-5)
+        np.testing.assert_allclose(np.asarray(y)[i : i + 3][:, keep], expected[:, keep],
+                                   atol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(new.mean, mu, rtol=1e-5, atol=1e-6)  # momentum 0: last chunk

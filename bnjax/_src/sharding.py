@@ -14,11 +14,8 @@ from jax import lax
 
 def _vma(a) -> frozenset:
     """The manual mesh axes that ``a`` varies over (empty outside ``shard_map``)."""
-    aval = jax.typeof(a)
-    mat = getattr(aval, "manual_axis_type", None)  # JAX >= 0.9
-    if mat is not None:
-        return frozenset(mat.varying)
-    return frozenset(getattr(aval, "vma", None) or ())  # JAX 0.6 - 0.8
+    mat = getattr(jax.typeof(a), "manual_axis_type", None)
+    return frozenset(mat.varying) if mat is not None else frozenset()
 
 
 def vary_like(leaf, like):
@@ -34,6 +31,4 @@ def vary_like(leaf, like):
     missing = tuple(sorted(_vma(like) - _vma(leaf), key=str))
     if not missing:
         return leaf
-    if hasattr(lax, "pcast"):
-        return lax.pcast(leaf, missing, to="varying")
-    return lax.pvary(leaf, missing)  # older JAX
+    return lax.pcast(leaf, missing, to="varying")
