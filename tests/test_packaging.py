@@ -56,3 +56,13 @@ def test_wheel_has_license_and_metadata(tmp_path):
     assert "Classifier: Programming Language :: Python :: 3.11" in metadata
     for extra in ("flax", "training", "testing"):
         assert f"Provides-Extra: {extra}" in metadata
+
+
+def test_missing_extra_message_names_the_module():
+    from bnjax._src.extras import missing
+
+    error = ModuleNotFoundError("No module named 'flax'", name="flax")
+    assert str(missing("bnjax.linen", "flax", error)) == (
+        "bnjax.linen needs Flax (bnjax.linen, bnjax.nnx), and 'flax' is not installed: "
+        "pip install 'bnjax[flax]'"
+    )

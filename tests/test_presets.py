@@ -355,3 +355,10 @@ def test_flax_preset_names():
 def test_preset_errors_name_the_framework_argument(make, error, message):
     with pytest.raises(error, match=message):
         make()
+
+
+def test_defaults_learn_scale_and_bias():
+    """PyTorch's ``affine=True`` and TF1's ``center=True, scale=True`` by default (mutation
+    survivors: no test read a preset's defaults)."""
+    for bn in (bnjax.presets.torch(), bnjax.presets.tf1()):
+        assert bn.center and bn.scale

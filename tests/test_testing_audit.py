@@ -518,3 +518,17 @@ def test_pmap_step_returning_the_old_state():
     check_train_step(step, PARAMS, STATE, xs, True)
     with pytest.raises(AssertionError, match="state"):
         check_train_step(step, PARAMS, STATE, xs, False)
+
+
+def test_marks_transpose_in_a_linear_map():
+    """Inference is linear in x, so jax.linear_transpose goes through the call mark on y."""
+    state = STATE._replace(mean=jnp.asarray([1.0, 2.0, 3.0]), var=jnp.asarray([4.0, 1.0, 9.0]))
+    params = PARAMS._replace(bias=jnp.zeros(3))
+
+    def linear(x):
+        return BN.apply(params, state, x, training=False)[0] + (
+            state.mean / jnp.sqrt(state.var + 1e-5)
+        )
+
+    (ct,) = jax.linear_transpose(linear, X)(jnp.ones_like(X))
+    np.testing.assert_allclose(ct, jnp.ones_like(X) / jnp.sqrt(state.var + 1e-5), rtol=1e-6)
