@@ -532,3 +532,10 @@ def test_marks_transpose_in_a_linear_map():
 
     (ct,) = jax.linear_transpose(linear, X)(jnp.ones_like(X))
     np.testing.assert_allclose(ct, jnp.ones_like(X) / jnp.sqrt(state.var + 1e-5), rtol=1e-6)
+
+
+def test_count_is_checked_from_where_it_started():
+    """A state that has seen 3 batches comes back at 4: the advance is 1."""
+    _, state = BN.apply(PARAMS, STATE, X, training=True)
+    state = state._replace(count=jnp.asarray(3, jnp.int32))
+    check_train_step(core_step, PARAMS, state, X)
