@@ -284,7 +284,3 @@ def flow(jaxpr) -> tuple[list[Fact], list[Call], dict[int, int]]:
         first[key] = alias[call.uid] = call.uid
         calls.append(call)
     return outs, calls, alias
-
-
-def repeats_text(n: int | None) -> str:
-    return "an unknown number of times (a while loop or a cond)" if n is None else f"{n} time(s)"
