@@ -49,7 +49,7 @@ MODULES = {
     "linen": ["test_linen.py", "test_flax_options.py"],
     "nnx": ["test_nnx.py", "test_flax_options.py"],
     "sharding": ["test_multidevice.py", "test_training.py"],
-    "types": ["test_batchnorm.py"],
+    "types": ["test_batchnorm.py", "test_moments.py"],
     "equinox": ["test_equinox.py"],
     "equinox_interop": ["test_equinox.py"],
     "marks": ["test_testing_audit.py"],
