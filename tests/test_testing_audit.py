@@ -7,6 +7,11 @@ and pass the correct ones.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import subprocess
+import sys
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -211,6 +216,60 @@ def test_audit_runs_nothing():
     assert called == []
     with pytest.raises(TypeError, match="ShapeDtypeStruct"):
         check_train_step(step, *shapes)
+
+
+def test_numpy_arguments_are_traced_not_run():
+    np_args = jax.tree.map(np.asarray, (PARAMS, STATE, X))
+    assert kinds(audit(stale_step, *np_args)) == [("stale_state", "state")]
+
+
+def test_findings_are_frozen_and_hashable():
+    """Findings can go in sets and dict keys, and nobody edits one by accident."""
+    (found,) = audit(dropped_step, PARAMS, STATE, X)
+    assert {found, found} == {found}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        found.kind = "stale_state"
+
+
+def test_train_step_without_any_batchnorm_call():
+    def step(params, state, x):  # forgot the layer altogether
+        return jnp.sum(x), state
+
+    found = audit(step, PARAMS, STATE, X, expect="train")
+    assert kinds(found) == [("no_training_call", "step")]
+    assert "no bnjax BatchNorm call was found" in found[0].message
+    assert audit(step, PARAMS, STATE, X) == []  # no expectation: nothing to say
+
+
+class _NoSignature:
+    """A step whose signature inspect cannot read: arguments are named by position."""
+
+    __signature__ = "not a signature"
+
+    def __call__(self, params, state, x):
+        return stale_step(params, state, x)
+
+
+def test_step_without_a_signature_names_arguments_by_position():
+    with pytest.raises(TypeError):
+        inspect.signature(_NoSignature())
+    assert kinds(audit(_NoSignature(), PARAMS, STATE, X)) == [("stale_state", "args[1]")]
+
+
+def test_audit_needs_no_flax():
+    """A core-only step is audited in a process that never imports Flax."""
+    code = (
+        "import sys, jax.numpy as jnp, bnjax\n"
+        "from bnjax.testing import audit\n"
+        "bn = bnjax.BatchNorm(); p, s = bn.init((4, 2))\n"
+        "def step(p, s, x):\n"
+        "    return bn.apply(p, s, x, training=True)[0]\n"
+        "found = audit(step, p, s, jnp.ones((4, 2)))\n"
+        "print([(f.kind, f.where) for f in found], 'flax' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=120)  # fmt: skip
+    assert out.stdout.split("\n")[0] == "[('discarded_update', 's')] False", out.stderr
 
 
 def test_where_names_nested_states_and_keywords():

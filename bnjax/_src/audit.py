@@ -132,7 +132,7 @@ def findings(traced, facts, calls, alias, *, expect) -> list[Finding]:
             elif call.update_stats:
                 out.append(Finding("eval_updates_state", name, _EVAL_UPDATES))
             continue
-        if not call.update_stats or call.steps == 0 or call.uid in kept:
+        if not call.update_stats or call.uid in kept:  # update_stats: steps >= 1
             continue
         stale = [returned_same[s] for s in call.state_same if s in returned_same]
         if stale:

@@ -120,8 +120,6 @@ def trace(fn: Callable, args: tuple, kwargs: dict) -> Traced:
         out_names[:] = names
         return outs
 
-    structs = [jax.ShapeDtypeStruct(np.shape(d), d.dtype) if not isinstance(d, jax.Array) else d
-               for d in dynamic]  # fmt: skip
-    jaxpr = jax.make_jaxpr(run)(*structs)
+    jaxpr = jax.make_jaxpr(run)(*dynamic)  # abstract: arrays and structs alike
     return Traced(jaxpr=jaxpr, run=run, in_names=in_names, out_names=list(out_names),
                   dynamic=dynamic, fn_name=getattr(fn, "__name__", repr(fn)))  # fmt: skip
