@@ -8,6 +8,7 @@ and pass the correct ones.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from jax.sharding import PartitionSpec as P
 import bnjax
 import bnjax.linen
 import bnjax.nnx
+from bnjax._src import dataflow, marks
 from bnjax._src.marks import mark_p
 from bnjax.testing import audit, check_eval_step, check_train_step
 from bnjax.training import TrainState, make_eval_step, make_train_step
@@ -216,6 +218,104 @@ def test_audit_runs_nothing():
     assert called == []
     with pytest.raises(TypeError, match="ShapeDtypeStruct"):
         check_train_step(step, *shapes)
+
+
+def fori_step_broken(params, state, xs, n):
+    def body(i, s):
+        _loss_and_state(params, s, xs[i])
+        return s  # the carry is never updated
+
+    return jax.lax.fori_loop(0, n, body, state)
+
+
+def fori_step(params, state, xs, n):
+    def body(i, s):
+        return _loss_and_state(params, s, xs[i])[2]
+
+    return jax.lax.fori_loop(0, n, body, state)
+
+
+def fori_step_every_other(params, state, xs, n):
+    def body(i, s):  # the even batches only: the update is kept on one path
+        new = _loss_and_state(params, s, xs[i])[2]
+        return jax.lax.cond(i % 2 == 0, lambda: new, lambda: s)
+
+    return jax.lax.fori_loop(0, n, body, state)
+
+
+def test_while_loop_steps():
+    """A trip count known only at run time makes a while loop, walked to a fixed point."""
+    n = jnp.int32(3)
+    assert kinds(audit(fori_step_broken, PARAMS, STATE, XS, n, expect="train")) == [
+        ("stale_state", "state")
+    ]
+    assert audit(fori_step, PARAMS, STATE, XS, n, expect="train") == []
+    assert audit(fori_step_every_other, PARAMS, STATE, XS, n, expect="train") == []
+    with pytest.raises(AssertionError, match=r"count advanced by \[0\]; expected at least 1"):
+        check_train_step(fori_step_broken, PARAMS, STATE, XS, n)
+    check_train_step(fori_step, PARAMS, STATE, XS, n)  # a count of n in a while: at least 1
+    check_train_step(fori_step_every_other, PARAMS, STATE, XS, n)
+
+
+def test_old_state_from_both_branches_of_a_cond_is_stale():
+    def step(params, state, x, flag):
+        _loss_and_state(params, state, x)
+        return jax.lax.cond(flag, lambda: state, lambda: state)
+
+    assert kinds(audit(step, PARAMS, STATE, X, True)) == [("stale_state", "state")]
+
+
+def test_a_call_inside_a_linear_solve_cannot_keep_its_update():
+    """Inside a primitive of unknown structure (a linear solve's four jaxprs), calls are
+    still found, and nothing they compute is taken as held by the outputs."""
+
+    def step(params, state, x):
+        def matvec(v):
+            return BN.apply(params, state, v, training=True)[0]
+
+        return jax.lax.custom_linear_solve(matvec, x, lambda mv, b: b)
+
+    (found,) = audit(step, PARAMS, STATE, X, expect="train")
+    assert found.kind == "discarded_update"
+    # Which argument the state came from is lost in there: the call's line says where.
+    line = inspect.getsourcelines(step)[1] + 2
+    assert found.where == f"{__file__}:{line}"
+
+
+def test_join_keeps_what_both_values_agree_on():
+    a = dataflow.Fact(reach=frozenset({0}), carry=frozenset({0}), same=2, lineage=2)
+    b = dataflow.Fact(reach=frozenset({1}), same=3, lineage=2)
+    assert dataflow.join(a, a) == a
+    assert dataflow.join(a, b) == dataflow.Fact(
+        reach=frozenset({0, 1}), carry=frozenset({0}), same=None, lineage=2
+    )
+
+
+def test_update_mark_away_from_its_call_mark():
+    """A transform could leave a call's update mark in another equation than its call
+    mark; it is then tied to the latest call of the same mark. An update mark whose call
+    mark is gone altogether is tied to no call."""
+
+    def step(params, state, x, keep=True):
+        call_id = marks.new_call_id()
+
+        def call(x, state):
+            return marks.mark_call(x, state, call_id=call_id, training=True,
+                                   update_stats=True, steps=1)  # fmt: skip
+
+        y = jax.jit(call)(x, state)
+        new = marks.mark_update(state._replace(count=state.count + 1), call_id=call_id)
+        return y, (new if keep else state)
+
+    assert audit(step, PARAMS, STATE, X) == []
+    assert kinds(audit(functools.partial(step, keep=False), PARAMS, STATE, X)) == [
+        ("stale_state", "state")
+    ]
+
+    def orphan(params, state, x):
+        return marks.mark_update(state, call_id=marks.new_call_id())
+
+    assert audit(orphan, PARAMS, STATE, X, expect="eval") == []
 
 
 def test_numpy_arguments_are_traced_not_run():
@@ -533,6 +633,23 @@ def test_a_metric_of_the_new_state_does_not_keep_it():
         return {"loss": jnp.mean(y), "running_var": jnp.mean(new.var)}, state
 
     assert kinds(audit(step, PARAMS, STATE, X)) == [("stale_state", "state")]
+
+    def unary_metrics(params, state, x):  # one operand, one result, yet not the state
+        y, new = BN.apply(params, state, x, training=True)
+        return {"max_var": jnp.max(new.var), "std": jnp.sqrt(new.var)}
+
+    assert kinds(audit(unary_metrics, PARAMS, STATE, X)) == [("discarded_update", "state")]
+
+
+def test_a_reshaped_state_is_kept():
+    def step(params, state, x, new_state=True):
+        y, new = BN.apply(params, state, x, training=True)
+        return jax.tree.map(lambda a: a.reshape(1, -1), new if new_state else state)
+
+    assert audit(step, PARAMS, STATE, X, expect="train") == []
+    assert kinds(audit(functools.partial(step, new_state=False), PARAMS, STATE, X)) == [
+        ("stale_state", "state")
+    ]
 
 
 def test_a_state_chosen_by_where_or_cond_is_kept():

@@ -120,7 +120,7 @@ def findings(traced, facts, calls, alias, *, expect) -> list[Finding]:
     """The findings of a traced and walked step (see :func:`audit`)."""
     # An update counts as kept when an output holds the new state, not when an output
     # was merely computed from it (a metric of the running variance keeps nothing).
-    kept = {alias[uid] for f in facts for uid in f.carry}
+    kept = {alias.get(uid, uid) for f in facts for uid in f.carry}  # -1: a mark of no call
     returned_same = {f.same: i for i, f in enumerate(facts) if f.same is not None}
     out: list[Finding] = []
     ordered = calls

@@ -108,13 +108,17 @@ def _frame(eqn) -> str:
     return "unknown line"
 
 
-def _sub(param):
-    """The Jaxpr of a Jaxpr or ClosedJaxpr parameter, else None."""
-    if isinstance(param, jex_core.ClosedJaxpr):
-        return param.jaxpr
-    if isinstance(param, jex_core.Jaxpr):
-        return param
-    return None
+def _subs(params) -> list:
+    """The Jaxprs among an equation's parameters, alone or in a tuple (as
+    ``custom_linear_solve`` keeps its four)."""
+    found = []
+    for param in params.values():
+        for p in param if isinstance(param, (tuple, list)) else (param,):
+            if isinstance(p, jex_core.ClosedJaxpr):
+                found.append(p.jaxpr)
+            elif isinstance(p, jex_core.Jaxpr):
+                found.append(p)
+    return found
 
 
 def _held(f: Fact, **kw) -> Fact:
@@ -170,22 +174,18 @@ class _Walk:
             for case in cases[1:]:
                 out = join(out, case)
             return [dataclasses.replace(out, reach=out.reach | pred.reach)]
-        subs = [s for s in map(_sub, eqn.params.values()) if s is not None]
+        subs = _subs(eqn.params)
         n_in, n_out = len(ins), len(eqn.outvars)
-        calls = [s for s in subs if len(s.invars) == n_in and len(s.outvars) == n_out]
-        if len(calls) == 1 and len(subs) <= 3:  # jit, checkpoint, custom_jvp/vjp, shard_map, ...
-            outs = self.jaxpr(calls[0], ins, repeats, within=eqn)
-            for s in subs:
-                if s is not calls[0]:
-                    self.jaxpr(s, [_NONE] * len(s.invars), repeats, within=eqn)
-            return outs
+        if len(subs) == 1 and (len(subs[0].invars), len(subs[0].outvars)) == (n_in, n_out):
+            # a call: jit, checkpoint, custom_jvp/vjp, shard_map, pmap, ...
+            return self.jaxpr(subs[0], ins, repeats, within=eqn)
         reach = frozenset().union(*(f.reach for f in ins))
         for s in subs:  # unknown structure: every input may reach every output
             got = self.jaxpr(s, [Fact(reach=reach)] * len(s.invars), repeats, within=eqn)
             reach = reach.union(*(f.reach for f in got))
         if name in _IDENTITY and n_in == n_out:
             return list(ins)
-        if name in _RESHAPE and eqn.invars[0].aval.size == eqn.outvars[0].aval.size:
+        if name in _RESHAPE:
             return [ins[0]]
         if name in _HOLDS:
             carry = frozenset().union(*(f.carry for f in ins))
