@@ -254,6 +254,7 @@ def test_while_loop_steps():
     with pytest.raises(AssertionError, match=r"count advanced by \[0\]; expected at least 1"):
         check_train_step(fori_step_broken, PARAMS, STATE, XS, n)
     check_train_step(fori_step, PARAMS, STATE, XS, n)  # a count of n in a while: at least 1
+    check_train_step(fori_step, PARAMS, STATE, XS, jnp.int32(1))
     check_train_step(fori_step_every_other, PARAMS, STATE, XS, n)
 
 
@@ -316,6 +317,59 @@ def test_update_mark_away_from_its_call_mark():
         return marks.mark_update(state, call_id=marks.new_call_id())
 
     assert audit(orphan, PARAMS, STATE, X, expect="eval") == []
+
+
+def test_two_updates_from_one_state_count_both():
+    """Two views of a batch each update from the same state; returning the second loses
+    the first update: the count must advance by 2."""
+
+    def step(params, state, x):
+        first = _loss_and_state(params, state, x)[2]
+        second = _loss_and_state(params, state, 2 * x[::-1])[2]
+        return first, second
+
+    def one_view_lost(params, state, x):
+        return step(params, state, x)[1]
+
+    def chained(params, state, x):
+        first = _loss_and_state(params, state, x)[2]
+        return _loss_and_state(params, first, 2 * x[::-1])[2]
+
+    found = audit(one_view_lost, PARAMS, STATE, X, expect="train")
+    assert [f.kind for f in found] == ["discarded_update"]
+    with pytest.raises(AssertionError, match=r"count advanced by \[1\]; expected 2"):
+        check_train_step(one_view_lost, PARAMS, STATE, X)
+    check_train_step(chained, PARAMS, STATE, X)
+
+
+def test_an_empty_batch_folds_nothing_in():
+    check_train_step(core_step, PARAMS, STATE, X[:0])
+
+
+def test_a_state_made_inside_the_step_cannot_be_checked():
+    def step(params, x):
+        _, state = BN.init(x.shape)  # not from the arguments
+        return _loss_and_state(params, state, x)[2]
+
+    with pytest.raises(AssertionError, match="does not come from the step's arguments"):
+        check_train_step(step, PARAMS, X)
+
+
+def test_nan_statistics_equal_themselves():
+    """A diverged model's NaN statistics returned as they were are unchanged ones."""
+    nan_state = STATE._replace(mean=jnp.full_like(STATE.mean, jnp.nan))
+    check_eval_step(eval_step, PARAMS, nan_state, X)
+    variables = {
+        "params": VARIABLES["params"],
+        "batch_stats": jax.tree.map(lambda a: jnp.full_like(a, jnp.nan), VARIABLES["batch_stats"]),
+    }
+
+    def linen_stale(variables, x):  # no count in linen's state: the values must change
+        y, _ = NET.apply(variables, x, train=True, mutable=["batch_stats"])
+        return jnp.sum(y), variables["batch_stats"]
+
+    with pytest.raises(AssertionError, match="the ones it was given, unchanged"):
+        check_train_step(linen_stale, variables, X)
 
 
 def test_numpy_arguments_are_traced_not_run():
