@@ -322,3 +322,84 @@ def test_reader_retries_a_version_retired_while_it_reads(tmp_path, monkeypatch):
     # A version given by path is not retried: its damage is reported.
     with pytest.raises((ValueError, OSError)):
         restore(calls[0], make_state(0))
+
+
+@pytest.mark.parametrize("extra_in", ["like", "checkpoint"])
+def test_a_leaf_beyond_the_end_is_named(tmp_path, extra_in):
+    """One more leaf after all the others: the structures agree up to it."""
+    plain = {"state": make_state()}
+    more = {**plain, "zz_extra": jnp.ones(2)}  # sorted last
+    save(tmp_path, more if extra_in == "checkpoint" else plain)
+    like = more if extra_in == "like" else plain
+    where = "like" if extra_in == "like" else "the checkpoint"
+    with pytest.raises(ValueError, match=rf"leaf 'zz_extra' exists only in {where}"):
+        restore(tmp_path, like)
+
+
+def test_a_version_without_its_manifest_is_corrupted_not_missing(tmp_path):
+    version = save(tmp_path, make_state())
+    (version / "manifest.json").unlink()
+    with pytest.raises(ValueError, match="corrupted or incomplete: cannot read manifest.json"):
+        restore(version, make_state())
+
+
+@pytest.mark.parametrize("text", ['{"format": "another-format-2", "leaves": []}', "[1, 2]"])
+def test_a_manifest_of_another_format_is_refused(tmp_path, text):
+    version = save(tmp_path, make_state())
+    (version / "manifest.json").write_text(text)
+    with pytest.raises(ValueError, match="manifest.json is not a bnjax-checkpoint-1 manifest"):
+        restore(tmp_path, make_state())
+
+
+def test_damage_is_reported_at_once(tmp_path, monkeypatch):
+    """A damaged version that is still there is refused on the first read, not retried."""
+    from bnjax._src import checkpoint
+
+    version = save(tmp_path, make_state())
+    manifest = json.loads((version / "manifest.json").read_text())
+    manifest["leaves"][0]["sha256"] = "0" * 64
+    (version / "manifest.json").write_text(json.dumps(manifest))
+    real, reads = checkpoint._read_arrays, []
+    monkeypatch.setattr(checkpoint, "_read_arrays", lambda *a: reads.append(1) or real(*a))
+    with pytest.raises(ValueError, match="does not match the checksum"):
+        restore(tmp_path, make_state())
+    assert len(reads) == 1
+
+
+def test_reader_outlasting_a_writer_that_retires_every_version_it_picks(tmp_path, monkeypatch):
+    """Every retry loses its version to the writer; the last read still succeeds."""
+    from bnjax._src import checkpoint
+
+    save(tmp_path, make_state(0), keep=1)
+    real, reads = checkpoint._read_arrays, []
+
+    def racing(version, like):
+        reads.append(version.name)
+        if len(reads) <= checkpoint._RETRIES:
+            save(tmp_path, make_state(len(reads)), keep=1)  # retires `version`
+        return real(version, like)
+
+    monkeypatch.setattr(checkpoint, "_read_arrays", racing)
+    assert_identical(restore(tmp_path, make_state(0)), make_state(checkpoint._RETRIES))
+    assert len(reads) == checkpoint._RETRIES + 1
+
+
+def test_an_error_without_a_message_is_still_reported(tmp_path, monkeypatch):
+    from bnjax._src import checkpoint
+
+    save(tmp_path, make_state())
+
+    class Checkpointer:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def restore(self, *args):
+            raise RuntimeError()
+
+    fake = type("ocp", (), {"StandardCheckpointer": Checkpointer})
+    monkeypatch.setattr(checkpoint, "_orbax", lambda: fake)
+    with pytest.raises(ValueError, match=r"is corrupted or truncated: RuntimeError: $"):
+        restore(tmp_path, make_state())
