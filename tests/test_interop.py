@@ -1,6 +1,7 @@
 """Checkpoint conversion: exact round trips, and converted checkpoints behave like the source."""
 
 import os
+import types
 
 import haiku as hk
 import jax
@@ -383,3 +384,24 @@ def test_to_haiku_refuses_a_decay_rate_outside_0_1(decay_rate, kind):
     params, state = bnjax.BatchNorm().init((4, 3))
     with pytest.raises(kind, match=r"^decay_rate"):
         interop.to_haiku(params, state, decay_rate=decay_rate, ndim=2)
+
+
+def test_counts_must_be_integer_scalars():
+    variables = {"params": {}, "batch_stats": {"mean": np.zeros(3), "var": np.ones(3)}}
+    for bad in (np.array([1, 2]), np.float32(3.0)):
+        with pytest.raises(TypeError, match=r"^count must be an integer scalar; got "):
+            interop.from_flax(variables, count=bad)
+
+
+def test_keras_defaults_read_gamma_and_beta():
+    """Keras's own defaults are center=True and scale=True: four weights."""
+    gamma, beta, mean, var = np.full(3, 2.0), np.full(3, 0.5), np.zeros(3), np.ones(3)
+    params, state = interop.from_keras([gamma, beta, mean, var])
+    np.testing.assert_array_equal(params.scale, gamma)
+    np.testing.assert_array_equal(params.bias, beta)
+    np.testing.assert_array_equal(state.var, var)
+
+
+def test_from_flax_takes_an_object_as_an_nnx_module_only_with_mean_and_var():
+    with pytest.raises(ValueError, match=r"^variables must hold one BatchNorm's 'batch_stats'"):
+        interop.from_flax(types.SimpleNamespace(mean=np.zeros(3)))
