@@ -1,6 +1,7 @@
 """Checkpoint conversion: exact round trips, and converted checkpoints behave like the source."""
 
 import os
+import re
 import types
 
 import haiku as hk
@@ -266,6 +267,53 @@ def test_haiku_without_params():
     params, back = interop.from_haiku(p, s)
     assert params == bnjax.BatchNormParams(None, None)
     _assert_same_tree(back, state)
+
+
+def test_haiku_axis_edges():
+    """Haiku's ``axis`` lists reduced axes; negative ones count from the end, and an axis
+    outside the input or not an integer is refused."""
+    params, state = _trained(5, c=4)
+    as_positive = interop.to_haiku(params, state, decay_rate=0.9, ndim=2, axis=[0])
+    as_negative = interop.to_haiku(params, state, decay_rate=0.9, ndim=2, axis=[-2])
+    _assert_same_tree(as_negative, as_positive)
+    assert as_positive[1]["batch_norm/~/mean_ema"]["average"].shape == (1, 4)
+    for bad in ([2], [-3], [0.5]):
+        message = re.escape(f"axis={bad!r} is not a sequence of axes of a 2-D input")
+        with pytest.raises(ValueError, match=f"^{message}$"):
+            interop.to_haiku(params, state, decay_rate=0.9, ndim=2, axis=bad)
+
+
+def test_haiku_statistics_of_rank_one_and_zero():
+    params, state = _trained(5)
+    p, s = interop.to_haiku(params, state, decay_rate=0.9, ndim=1)  # a (C,) input
+    assert s["batch_norm/~/var_ema"]["average"].shape == (3,)
+    _assert_same_tree(interop.from_haiku(p, s), (params, state))
+    scalars = jax.tree.map(lambda a: np.asarray(a).reshape(-1)[0], (p, s))
+    with pytest.raises(ValueError, match="has rank 0; expected Haiku's keep-dims statistics"):
+        interop.from_haiku(*scalars)
+
+
+@pytest.mark.parametrize("count", [0, 1])
+def test_haiku_hidden_at_the_first_counts(count):
+    """Before any update Haiku's raw EMA is 0; after one it is the average times
+    ``1 - decay``."""
+    params, state = _trained(6)
+    state = state._replace(count=jnp.asarray(count, jnp.int32))
+    _, s = interop.to_haiku(params, state, decay_rate=0.9, ndim=2)
+    hidden = s["batch_norm/~/mean_ema"]["hidden"]
+    want = np.zeros((1, 3)) if count == 0 else np.reshape(state.mean, (1, 3)) * (1 - 0.9)
+    np.testing.assert_allclose(hidden, want, rtol=1e-6, atol=0)
+    assert hidden.dtype == np.float32
+
+
+def test_haiku_hidden_of_bfloat16_statistics():
+    params, state = _trained(7)
+    state = state._replace(mean=state.mean.astype(jnp.bfloat16), var=state.var.astype(jnp.bfloat16))
+    _, s = interop.to_haiku(params, state, decay_rate=0.5, ndim=2)
+    hidden = s["batch_norm/~/var_ema"]["hidden"]
+    assert hidden.dtype == jnp.bfloat16
+    expected = np.reshape(state.var, (1, 3)).astype(np.float32) * (1 - 0.5**17)
+    np.testing.assert_allclose(hidden.astype(np.float32), expected, rtol=1e-2)
 
 
 # -- Flax ---------------------------------------------------------------------------
