@@ -574,3 +574,64 @@ def test_audit_finds_a_dropped_equinox_state_update():
         lambda m, s, x: _batched(eqx.nn.inference_mode(m))(x, s), model, state, x, expect="eval"
     )
     assert evaluation == []
+
+
+def test_fresh_batch_mode_layer_converts_at_count_zero():
+    """Before its first batch, Equinox's batch mode divides its raw sums by 1, not by
+    ``1 - momentum**0 = 0``; writing it back at count 0 leaves the sums as they were."""
+    bn, state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(3, "batch", mode="batch", momentum=0.9)
+    params, bn_state = interop.from_equinox(bn, state)
+    assert int(bn_state.count) == 0
+    stats = bn_state._replace(mean=jnp.asarray([1.0, -2.0, 0.5]))
+    _, back = interop.to_equinox(params, stats, bn, state)
+    np.testing.assert_array_equal(back.get(bn.batch_state_index)[0], stats.mean)
+    _equal(interop.from_equinox(bn, back), (params, stats))
+
+
+def test_batch_mode_hidden_after_one_batch_and_in_bfloat16():
+    bn, state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(3, "batch", mode="batch", momentum=0.9)
+    params, bn_state = interop.from_equinox(bn, state)
+    mean = jnp.asarray([1.0, -2.0, 0.5])
+    _, back = interop.to_equinox(
+        params, bn_state._replace(mean=mean, count=jnp.asarray(1)), bn, state
+    )
+    np.testing.assert_allclose(back.get(bn.batch_state_index)[0], mean * (1 - 0.9), rtol=1e-6)
+    bn16, state16 = eqx.nn.make_with_state(eqx.nn.BatchNorm)(
+        3, "batch", mode="batch", momentum=0.5, dtype=jnp.bfloat16
+    )
+    stats16 = bn_state._replace(mean=mean.astype(jnp.bfloat16), var=jnp.ones(3, jnp.bfloat16),
+                                count=jnp.asarray(2))  # fmt: skip
+    params16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+    _, back16 = interop.to_equinox(params16, stats16, bn16, state16)
+    hidden = back16.get(bn16.batch_state_index)[0]
+    assert hidden.dtype == jnp.bfloat16
+    np.testing.assert_allclose(hidden.astype(np.float32), mean * 0.75, rtol=1e-2)
+
+
+def test_a_strongly_typed_counter_is_written_as_one():
+    """A state that went through a checkpoint holds a plain int32 counter, not Equinox's
+    weakly typed one; the written counter must be of the same kind."""
+    bn, state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(3, "batch", mode="batch", momentum=0.9)
+    strong = jax.tree.map(lambda a: jnp.asarray(np.asarray(a)), state)
+    assert not strong.get(bn.batch_counter).weak_type
+    params, bn_state = interop.from_equinox(bn, strong)
+    _, back = interop.to_equinox(params, bn_state._replace(count=jnp.asarray(4)), bn, strong)
+    counter = back.get(bn.batch_counter)
+    assert int(counter) == 4 and not counter.weak_type
+
+
+def test_converters_refuse_what_they_cannot_write():
+    import types
+
+    with pytest.raises(TypeError, match=r"^bn_module must be an eqx.nn.BatchNorm or a bnjax"):
+        interop.from_equinox(types.SimpleNamespace(mode="batch"), None)
+    bn, state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(
+        3, "batch", mode="ema", channelwise_affine=False
+    )
+    _, bn_state = interop.from_equinox(bn, state)
+    for params in (
+        bnjax.BatchNormParams(jnp.ones(3), None),
+        bnjax.BatchNormParams(None, jnp.ones(3)),
+    ):
+        with pytest.raises(ValueError, match="channelwise_affine=False; expected BatchNormParams"):
+            interop.to_equinox(params, bn_state, bn, state)
