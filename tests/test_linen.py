@@ -735,3 +735,34 @@ def test_per_example_mask_works_for_any_rank(ndim):
     _close(y, want, 2e-5)
     kept = np.asarray(x, np.float64)[keep].reshape(-1, 2)
     _close(state.mean, 0.01 * kept.mean(0), 1e-6)
+
+
+@pytest.mark.parametrize("kind", ["bool", "int32"])
+def test_bool_and_integer_inputs_without_affine_match_flax(kind):
+    """Flax normalizes bool and integer inputs in float32, also with no float parameter
+    to promote to."""
+    x = jnp.asarray([[1, 0], [0, 0], [1, 1]], kind)
+    outs = []
+    for cls, promotion in ((nn.BatchNorm, "standard"), (bl.BatchNorm, "strict")):
+        m = cls(use_running_average=False, use_scale=False, use_bias=False)
+        with jax.numpy_dtype_promotion(promotion):  # Flax's mixes int and float
+            y, upd = m.apply(m.init(jax.random.key(0), x), x, mutable=["batch_stats"])
+        assert y.dtype == jnp.float32
+        outs.append((y, upd["batch_stats"]["mean"], upd["batch_stats"]["var"]))
+    for theirs, ours in zip(*outs, strict=True):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-7)
+
+
+def test_a_top_level_module_is_named_by_its_class_in_audit():
+    from bnjax.testing import audit
+
+    m = bl.BatchNorm(use_running_average=False)
+    x = jnp.arange(12.0).reshape(4, 3)
+    variables = m.init(jax.random.key(0), x)
+
+    def dropped(variables, x):
+        return m.apply(variables, x, mutable=["batch_stats"])[0]
+
+    assert [(f.kind, f.where) for f in audit(dropped, variables, x)] == [
+        ("discarded_update", "BatchNorm")
+    ]
