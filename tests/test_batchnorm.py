@@ -286,9 +286,9 @@ def test_one_element_per_feature_warns(maybe_jit):
         _call(bn, maybe_jit, training=True)(params, state, jnp.asarray(X))
 
 
-@pytest.mark.parametrize("skip", [True, False])
+@pytest.mark.parametrize("skip", [True, False, "default"])
 def test_skip_nonfinite(maybe_jit, skip):
-    bn = bnjax.BatchNorm(skip_nonfinite=skip)
+    bn = bnjax.BatchNorm() if skip == "default" else bnjax.BatchNorm(skip_nonfinite=skip)
     params, state = bn.init(X)
     x = X.copy()
     x[3, 1] = np.nan
@@ -331,3 +331,23 @@ def test_grad_inside_jit_over_a_named_vmap(statistics):
 def test_grad_of_jit_over_a_named_vmap_checked_path():
     params, loss = _named_vmap_loss("checked")
     jax.grad(jax.jit(loss))(params, jnp.ones((8, 3, 4)))
+
+
+@pytest.mark.parametrize(
+    ("example", "x64", "want"),
+    [
+        (np.zeros((4, 3), np.int32), False, jnp.float32),
+        (np.zeros((4, 3), bool), False, jnp.float32),
+        (jnp.zeros((4, 3), jnp.bfloat16), False, jnp.float32),
+        ((4, 3), False, jnp.float32),
+        (np.zeros((4, 3), np.float64), False, jnp.float32),  # held as float32 without x64
+        (np.zeros((4, 3), np.float64), True, jnp.float64),
+    ],
+)
+def test_statistics_dtype_follows_the_example_batch(example, x64, want):
+    """The running statistics are kept in the widest of float32 and a float example's
+    dtype as JAX holds it; an integer or bool example, or a bare shape, gives float32."""
+    with jax.enable_x64(x64):
+        params, state = bnjax.BatchNorm().init(example)
+        assert state.mean.dtype == state.var.dtype == want
+        assert params.scale.dtype == jnp.float32 and state.count.dtype == jnp.int32

@@ -343,6 +343,8 @@ def test_two_updates_from_one_state_count_both():
 
 
 def test_an_empty_batch_folds_nothing_in():
+    assert audit(core_step, PARAMS, STATE, X[:0], expect="train") == []
+    assert audit(stale_step, PARAMS, STATE, X[:0], expect="train") == []  # nothing to keep
     check_train_step(core_step, PARAMS, STATE, X[:0])
 
 
