@@ -442,3 +442,41 @@ def test_checks_with_virtual_batches(maybe_jit, masked):
     ref = bnjax.BatchNorm(virtual_batch_size=4)
     _, want = ref.apply(params, state, x, training=True)
     np.testing.assert_allclose(new.mean, want.mean, rtol=1e-6)
+
+
+@pytest.mark.parametrize("var", [[0.0, 0.5, 2.0], [0.0, 0.0, 0.0]])
+def test_zero_or_small_running_variance_is_healthy(maybe_jit, var):
+    """A dead feature's running variance is 0: not negative, so no warning."""
+    bn = bnjax.BatchNorm(checks=True)
+    params, state = _trained(bn, X)
+    state = state._replace(var=jnp.asarray(var, jnp.float32))
+    for training in (True, False):
+        _silent(lambda t=training: _run(bn, maybe_jit, training=t)(params, state, X))
+
+
+@pytest.mark.parametrize("virtual_batch_size", [None, 32, 16])
+def test_unrepresentable_features_are_counted_once_across_virtual_batches(
+    maybe_jit, virtual_batch_size
+):
+    """Two of three features overflow float32 in every virtual batch: 2 features, however
+    many chunks; a feature with one counted element overflows too."""
+    z = np.random.default_rng(1).standard_normal((64, 3))
+    x = (z / np.max(np.abs(z)) * (F32_MAX / 8)).astype(np.float32)
+    x[:, 2] = z[:, 2]  # a tame feature
+    bn = bnjax.BatchNorm(checks=True, virtual_batch_size=virtual_batch_size)
+    params, state = bn.init(x)
+    _, [message] = _warned(lambda: _run(bn, maybe_jit, training=True)(params, state, x))
+    assert "BatchNorm.apply: 2 feature(s) of this batch have a mean or variance beyond" in message
+
+
+def test_an_unrepresentable_feature_of_one_element_is_counted(maybe_jit):
+    """A float16 state; each of 12 features holds one element of 7e4, beyond 65504."""
+    bn = bnjax.BatchNorm(checks=True, axis=(1, 2))
+    params, state = bn.init((1, 4, 3))
+    state = state._replace(mean=state.mean.astype(jnp.float16), var=state.var.astype(jnp.float16))
+    big = jnp.full((1, 4, 3), 7e4, jnp.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # one element per feature: y = bias
+        run = _run(bn, maybe_jit, training=True)
+        _, [message] = _warned(lambda: run(params, state, big))
+    assert "BatchNorm.apply: 12 feature(s) of this batch have a mean or variance" in message

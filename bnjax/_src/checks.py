@@ -240,15 +240,21 @@ def check_update(state, moments) -> None:
       state: the ``BatchNormState`` given to ``apply``.
       moments: the batch ``Moments`` about to be averaged in (any leading chunk axis).
     """
-    dtype = jnp.result_type(state.var)
-    big = jnp.finfo(dtype).max
+    # The state's largest value, in the moments' dtype (no implicit promotion): a float16
+    # state's range is smaller than float32 moments', a float64 state's larger.
+    acc = jnp.result_type(moments.var)
+    big = jnp.asarray(min(float(jnp.finfo(jnp.result_type(state.var)).max),
+                          float(jnp.finfo(acc).max)), acc)  # fmt: skip
     finite = jnp.isfinite(moments.mean) & jnp.isfinite(moments.scaled_var)
     overflow = finite & ((moments.var > big) | (jnp.abs(moments.mean) > big))
     # Without a mask each chunk's count is a scalar: stacked over virtual batches it is
     # (chunks,), which must pair with the chunk axis of the keep-dims moments.
     count = jnp.asarray(moments.count)
     count = jnp.reshape(count, count.shape + (1,) * (moments.var.ndim - count.ndim))
-    bad = _count(overflow & (count > 0))
+    flagged = overflow & (count > 0)
+    # A feature counts once, however many of its virtual batches overflow.
+    chunk_axes = tuple(range(flagged.ndim - jnp.ndim(state.var)))
+    bad = _count(jnp.any(flagged, axis=chunk_axes))
     report([Check(bad == 0, UNREPRESENTABLE, {"bad": bad})])
 
 
