@@ -99,17 +99,17 @@ def needs_count(core: BatchNorm) -> bool:
     return core.averaging != "ema" or core.renorm or core.checks
 
 
-def promoted_dtype(*arrays, inexact=False) -> jnp.dtype:
-    """``jnp.result_type`` of the non-None arrays under standard promotion.
+def promoted_dtype(*arrays) -> jnp.dtype:
+    """``jnp.result_type`` of the non-None arrays under standard promotion, inexact.
 
     Flax's default output dtype (``dtype=None``) is this promotion of the input and the
     parameters; it is computed under standard rules so that it is the same whether or not
-    ``jax_numpy_dtype_promotion="strict"`` is on. With ``inexact``, an integer result is
-    promoted with float32, as Flax's ``canonicalize_dtype`` does.
+    ``jax_numpy_dtype_promotion="strict"`` is on. An integer or bool result is promoted
+    with float32, as Flax's ``canonicalize_dtype`` does.
     """
     with jax.numpy_dtype_promotion("standard"):
         dtype = jnp.result_type(*(a for a in arrays if a is not None))
-        if inexact and not jnp.issubdtype(dtype, jnp.inexact):
+        if not jnp.issubdtype(dtype, jnp.inexact):
             dtype = jnp.promote_types(jnp.float32, dtype)
     return dtype
 

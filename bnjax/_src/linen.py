@@ -139,7 +139,7 @@ class BatchNorm(nn.Module):
         update = training if update_stats is None else update_stats
         update = update and not initializing
         x = jnp.asarray(x)
-        out_dtype = self.dtype or common.promoted_dtype(x, scale, bias, inexact=True)
+        out_dtype = self.dtype or common.promoted_dtype(x, scale, bias)
         if jnp.issubdtype(x.dtype, jnp.integer) or x.dtype == jnp.bool_:
             x = x.astype(jnp.float32)  # as in Flax, integer inputs are normalized in float32
         v.check_input(x)  # complex inputs are refused
