@@ -635,3 +635,31 @@ def test_converters_refuse_what_they_cannot_write():
     ):
         with pytest.raises(ValueError, match="channelwise_affine=False; expected BatchNormParams"):
             interop.to_equinox(params, bn_state, bn, state)
+
+
+@pytest.mark.parametrize("mode", ["batch", "ema"])
+def test_pytree_leaves_are_equinox_s(mode):
+    """The same leaves as Equinox's layer, in order: every setting is static, so
+    ``filter_jit``, optimizers and serialisation see what they see with Equinox's."""
+    theirs = eqx.nn.make_with_state(eqx.nn.BatchNorm)(3, "batch", mode=mode)[0]
+    ours = eqx.nn.make_with_state(bxe.BatchNorm)(
+        3, "batch", mode=mode, renorm=mode == "batch", checks=True, statistics="branchless"
+    )[0]
+
+    def described(layer):
+        return [
+            (type(leaf).__name__, getattr(leaf, "shape", leaf)) for leaf in jax.tree.leaves(layer)
+        ]
+
+    assert described(ours) == described(theirs) == [
+        ("ArrayImpl", (3,)), ("ArrayImpl", (3,)), ("str", "batch"), ("bool", False)
+    ]  # fmt: skip
+
+
+def test_one_dimensional_examples_and_a_scalar():
+    layer, state = eqx.nn.make_with_state(bxe.BatchNorm)(3, "batch", mode="batch")
+    x = _data((8, 3))
+    y, _ = jax.vmap(layer, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(x, state)
+    np.testing.assert_allclose(y, (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-5), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"^x has shape \(\); expected \(3, \.\.\.\)"):
+        layer(jnp.asarray(1.0), state)
