@@ -139,7 +139,7 @@ class Reduction(NamedTuple):
                 "combines groups of an axis only under jax.pmap, not under shard_map or "
                 "vmap. Under shard_map, give the mesh one axis per level (e.g. "
                 "('group', 'member')) and use the inner one as axis_name, without "
-                f"axis_index_groups. ({type(e).__name__}: {e or 'no message'})"
+                f"axis_index_groups. ({type(e).__name__}: {str(e) or 'no message'})"
             ) from e
 
     def maximum(self, values):
