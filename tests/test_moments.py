@@ -58,6 +58,20 @@ def test_offset_data_variance_with_first_element_masked(maybe_jit, statistics):
     np.testing.assert_allclose(mean, mean_ref, rtol=0, atol=6.2e-5)
 
 
+def test_channels_first_with_a_mask_per_element(maybe_jit, statistics):
+    """NCHW, reduced over (0, 2, 3), each element masked on its own: per-feature counts in
+    keep-dims shape."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4, 3, 2, 5)).astype(np.float32)
+    mask = rng.random(x.shape) > 0.3
+    n_ref, mean_ref, var_ref = moments(x, axis=1, mask=mask)
+    count, mean, var = _moments(maybe_jit, jnp.asarray(x), jnp.asarray(mask), (0, 2, 3),
+                                statistics=statistics)  # fmt: skip
+    np.testing.assert_array_equal(count, n_ref)
+    np.testing.assert_allclose(mean, mean_ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(var, var_ref, rtol=1e-5)
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_exact_mean_adds_the_correction_to_the_pivot(maybe_jit, seed):
     # On data whose spread dwarfs its mean, the exact passes' pivot is off the mean by a
