@@ -253,6 +253,77 @@ def test_model_apply_must_return_a_pair():
     with pytest.raises(TypeError, match=r"must return a pair \(y, new_state\); got a ArrayImpl"):
         assert_eval_is_pure(only_y, params, state, XS[0])
 
+    def triple(params, state, x, *, training):
+        return (*BN.apply(params, state, x, training=training), None)
+
+    def stacked_pair(params, state, x, *, training):  # an array of two rows is no pair
+        y, _ = BN.apply(params, state, x, training=training)
+        return jnp.stack([y, y])
+
+    with pytest.raises(TypeError, match=r"got a tuple of length 3$"):
+        assert_eval_is_pure(triple, params, state, XS[0])
+    with pytest.raises(TypeError, match=r"got a ArrayImpl$"):
+        assert_eval_is_pure(stacked_pair, params, state, XS[0])
+
+
+class _Unhashable:
+    """A model object that defines equality, so Python gives it no hash."""
+
+    __hash__ = None
+
+    def __eq__(self, other):
+        return self is other
+
+    def __call__(self, params, state, x, *, training):
+        return BN.apply(params, state, x, training=training)
+
+
+def test_an_unhashable_model_apply_gets_a_fresh_scan_body():
+    apply, (_, params, state) = _Unhashable(), _core()
+    with pytest.raises(TypeError):
+        hash(apply)
+    assert_scan_matches_loop(apply, params, state, XS, training=True)
+
+
+def _traced_differently(params, state, x, *, training):
+    y, new = BN.apply(params, state, x, training=training)
+    if isinstance(x, jax.core.Tracer):
+        return y.astype(jnp.float16), new._replace(count=jnp.stack([new.count, new.count]))
+    return y, new
+
+
+def test_a_leaf_of_another_dtype_or_shape_fails_and_names_it():
+    _, params, state = _core()
+    with pytest.raises(AssertionError) as e:
+        assert_jit_matches_eager(_traced_differently, params, state, XS[0], training=True)
+    assert str(e.value).endswith("jitted y vs eager y: dtypes differ, float16 vs float32")
+    with pytest.raises(AssertionError) as e:  # values differ: where, but no batch of xs
+        assert_jit_matches_eager(_branches_on_tracer, params, state, XS[0], training=True)
+    assert "at index (" in str(e.value) and "of xs" not in str(e.value)
+
+    def count_only(params, state, x, *, training):
+        y, new = BN.apply(params, state, x, training=training)
+        return y, _traced_differently(params, state, x, training=training)[1]
+
+    with pytest.raises(AssertionError, match=r"new_state\.count: shapes differ, \(2,\) vs \(\)$"):
+        assert_jit_matches_eager(count_only, params, state, XS[0], training=True)
+
+
+def test_tolerance_is_relative_to_the_expected_value_and_inclusive():
+    """|got - want| <= atol + rtol * |want|, with equality passing (numpy's rule)."""
+    _, params, state = _core()
+
+    def scaled(params, state, x, *, training):
+        y, new = BN.apply(params, state, x, training=training)
+        y = jnp.full_like(y, 1024.0)  # exact in float32, as is the offset below
+        return (y + 0.5 if isinstance(x, jax.core.Tracer) else y), new
+
+    # 0.5 <= 0 + 2**-10 * 1024 = 1 (a relative tolerance); 0.5 <= 0.5 (the limit itself)
+    assert_jit_matches_eager(scaled, params, state, XS[0], training=True, rtol=2.0**-10, atol=0.0)
+    assert_jit_matches_eager(scaled, params, state, XS[0], training=True, rtol=0.0, atol=0.5)
+    with pytest.raises(AssertionError, match="by more than atol=0.25"):
+        assert_jit_matches_eager(scaled, params, state, XS[0], training=True, rtol=0.0, atol=0.25)
+
 
 @pytest.mark.parametrize(
     "xs, match",
