@@ -4,6 +4,7 @@ import functools
 import importlib
 import inspect
 import sys
+import types
 import warnings
 
 import equinox as eqx
@@ -579,7 +580,7 @@ def test_audit_finds_a_dropped_equinox_state_update():
 def test_fresh_batch_mode_layer_converts_at_count_zero():
     """Before its first batch, Equinox's batch mode divides its raw sums by 1, not by
     ``1 - momentum**0 = 0``; writing it back at count 0 leaves the sums as they were."""
-    bn, state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(3, "batch", mode="batch", momentum=0.9)
+    bn, state = _make(eqx.nn.BatchNorm, 3, "batch", mode="batch", momentum=0.9)
     params, bn_state = interop.from_equinox(bn, state)
     assert int(bn_state.count) == 0
     stats = bn_state._replace(mean=jnp.asarray([1.0, -2.0, 0.5]))
@@ -589,7 +590,7 @@ def test_fresh_batch_mode_layer_converts_at_count_zero():
 
 
 def test_batch_mode_hidden_after_one_batch_and_in_bfloat16():
-    bn, state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(3, "batch", mode="batch", momentum=0.9)
+    bn, state = _make(eqx.nn.BatchNorm, 3, "batch", mode="batch", momentum=0.9)
     params, bn_state = interop.from_equinox(bn, state)
     mean = jnp.asarray([1.0, -2.0, 0.5])
     _, back = interop.to_equinox(
@@ -611,7 +612,7 @@ def test_batch_mode_hidden_after_one_batch_and_in_bfloat16():
 def test_a_strongly_typed_counter_is_written_as_one():
     """A state that went through a checkpoint holds a plain int32 counter, not Equinox's
     weakly typed one; the written counter must be of the same kind."""
-    bn, state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(3, "batch", mode="batch", momentum=0.9)
+    bn, state = _make(eqx.nn.BatchNorm, 3, "batch", mode="batch", momentum=0.9)
     strong = jax.tree.map(lambda a: jnp.asarray(np.asarray(a)), state)
     assert not strong.get(bn.batch_counter).weak_type
     params, bn_state = interop.from_equinox(bn, strong)
@@ -621,8 +622,6 @@ def test_a_strongly_typed_counter_is_written_as_one():
 
 
 def test_converters_refuse_what_they_cannot_write():
-    import types
-
     with pytest.raises(TypeError, match=r"^bn_module must be an eqx.nn.BatchNorm or a bnjax"):
         interop.from_equinox(types.SimpleNamespace(mode="batch"), None)
     bn, state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(

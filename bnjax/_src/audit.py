@@ -123,8 +123,7 @@ def findings(traced, facts, calls, alias, *, expect) -> list[Finding]:
     kept = {alias.get(uid, uid) for f in facts for uid in f.carry}  # -1: a mark of no call
     returned_same = {f.same: i for i, f in enumerate(facts) if f.same is not None}
     out: list[Finding] = []
-    ordered = calls
-    for call in ordered:
+    for call in calls:
         name = where(call, traced)
         if expect == "eval":
             if call.training:
@@ -140,11 +139,11 @@ def findings(traced, facts, calls, alias, *, expect) -> list[Finding]:
             out.append(Finding("stale_state", name, _STALE.format(leaf=leaf, mode=_mode(call))))
         else:
             out.append(Finding("discarded_update", name, _DISCARDED.format(mode=_mode(call))))
-    if expect == "train" and not any(c.training for c in ordered):
-        if not ordered:
+    if expect == "train" and not any(c.training for c in calls):
+        if not calls:
             return out + [Finding("no_training_call", traced.fn_name,
                                   _NO_BATCHNORM)]  # fmt: skip
-        out += [Finding("no_training_call", where(c, traced), _NO_TRAINING) for c in ordered]
+        out += [Finding("no_training_call", where(c, traced), _NO_TRAINING) for c in calls]
     return out
 
 

@@ -2,7 +2,9 @@
 
 :func:`flow` walks a closed jaxpr (from bnjax/_src/tracing.py), into every nested jaxpr
 (``jit``, ``scan``, ``while``, ``cond``, ``checkpoint``, ``custom_jvp``/``custom_vjp``,
-``shard_map``, ``pmap``), and follows, for every variable, a :class:`Fact`:
+``shard_map``, ``pmap``; an equation of any other structure, such as the tuple of jaxprs of
+``custom_linear_solve``, as one whose every input may reach every output), and follows,
+for every variable, a :class:`Fact`:
 
 * ``reach``: the BatchNorm calls whose new state it depends on, by any computation;
 * ``carry``: the calls whose new state it *holds*: passed on unchanged, cast, reshaped,
