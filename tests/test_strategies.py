@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 import bnjax
 from bnjax._src.batchnorm import OneElementWarning
 from bnjax._src.reduction import expand_mask
-from bnjax._src.strategies import Inputs, configs, inputs, states
+from bnjax._src.strategies import _SEEDS, Inputs, _masks, _values, configs, inputs, states
 from bnjax._src.validation import feature_axes
 
 # Each example of an applying property compiles apply for a new configuration and shape.
@@ -196,6 +196,9 @@ def test_states_refuses_shapes_the_config_cannot_train_on():
         states(bnjax.BatchNorm(axis=2), (4, 3))
     with pytest.raises(TypeError, match=r"shape must be a tuple of ints; got '4x3' \(str\)"):
         states(bnjax.BatchNorm(), "4x3")
+    for shape in [(4, "3"), (4, True), np.array([4, 3])]:
+        with pytest.raises(TypeError, match=r"shape must be a tuple of ints; got "):
+            states(bnjax.BatchNorm(), shape)
     with pytest.raises(ValueError, match=r"max_updates=-1 is out of range"):
         states(bnjax.BatchNorm(), (4, 3), max_updates=-1)
 
@@ -208,3 +211,171 @@ def test_import_without_hypothesis_says_what_to_install(monkeypatch):
         importlib.import_module("bnjax._src.strategies")
     cause = info.value.__cause__
     assert isinstance(cause, ImportError) and "hypothesis" in str(cause)
+
+
+# Reach: each strategy draws every region its docstring promises. A strategy that narrows
+# its draws (a sign never drawn, offsets never large, counts never advanced) passes the
+# validity properties above, so each region is collected over many cheap draws.
+
+
+def test_configs_draw_every_form_of_axis_and_each_fits_rank_4():
+    seen = set()
+
+    @settings(max_examples=300, deadline=None, database=None)
+    @given(configs(), configs(virtual_batch_size=1))
+    def collect(bn, one):
+        for config in (bn, one):
+            inputs(config, max_rank=4)  # refuses an axis no input of rank <= 4 fits
+        axis = bn.axis
+        if isinstance(axis, int):
+            seen.add("int")
+        else:
+            seen.add("1-tuple" if len(axis) == 1 else "tuple")
+            if list(axis) != sorted(axis):
+                seen.add("unordered")
+        axes = (axis,) if isinstance(axis, int) else axis
+        seen.update("negative" if a < 0 else "positive" for a in axes)
+        if not isinstance(one.axis, int) and len(one.axis) == 2:
+            seen.add("two axes with virtual batches of 1")
+
+    collect()
+    want = {"int", "1-tuple", "tuple", "unordered", "negative", "positive"}
+    assert want | {"two axes with virtual batches of 1"} <= seen
+
+
+def test_inputs_fit_the_highest_rank_exactly_and_no_higher():
+    x, _ = _example(inputs(bnjax.BatchNorm(axis=-2), max_rank=2))
+    assert x.ndim == 2  # -2 fits rank 2, the highest
+    x, _ = _example(inputs(bnjax.BatchNorm(axis=(0, 3)), max_rank=4))
+    assert x.ndim == 4
+    for axis in (2, -3):
+        with pytest.raises(ValueError, match=rf"max_rank=2 fits axis={axis} with "):
+            inputs(bnjax.BatchNorm(axis=axis), max_rank=2)
+
+
+def _example(strategy):
+    found = []
+
+    @settings(max_examples=1, deadline=None, database=None)
+    @given(strategy)
+    def take(value):
+        found.append(value)
+
+    take()
+    return found[0]
+
+
+def test_inputs_draw_every_size_of_a_reduced_axis():
+    """Sizes 1 to max_side on the batch axis: only a batch of one element per feature
+    in all is grown to two."""
+    sizes = {None: set(), 2: set()}
+
+    @settings(max_examples=200, deadline=None, database=None)
+    @given(inputs(bnjax.BatchNorm(axis=-1), max_rank=3, max_side=4))
+    def collect(batch):
+        sizes[None].add(batch.x.shape[0])
+
+    @settings(max_examples=200, deadline=None, database=None)
+    @given(inputs(bnjax.BatchNorm(axis=-1, virtual_batch_size=2), max_rank=3, max_side=4))
+    def collect_virtual(batch):
+        if batch.x.ndim == 3:
+            sizes[2].add(batch.x.shape[1])
+
+    collect()
+    collect_virtual()
+    assert sizes == {None: {1, 2, 3, 4}, 2: {1, 2, 3, 4}}
+
+
+# The largest offset / spread per dtype, as inputs() documents it.
+MAX_RATIO = {"float32": 1e6, "float16": 1e2, "bfloat16": 1e2}
+# The powers of ten of the spread: 1e-3 to 1e3, float16's 1e-2 to 1e2.
+SPREAD_EXPONENTS = {"float32": (-3, 3), "float16": (-2, 2), "bfloat16": (-3, 3)}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_values_reach_both_signs_and_every_size_of_offset_and_spread(dtype):
+    """Per feature of 16 draws (the range of z is then >= 1 but for odds below 1e-4):
+    |mean| / range stays within the largest offset ratio, and reaches it on both signs;
+    the range spans the powers of ten of the spread; ties and constants are drawn."""
+    seen = set()
+    worst = [0.0]
+    top = MAX_RATIO[dtype]
+    low, high = SPREAD_EXPONENTS[dtype]
+
+    @settings(max_examples=200, deadline=None, database=None)
+    @given(_values((16, 3), (1,), jnp.dtype(dtype)))
+    def collect(x):
+        x = np.asarray(x, np.float64)
+        for f in x.T:
+            width, mean = f.max() - f.min(), f.mean()
+            if width == 0:
+                seen.add("constant")
+                continue
+            ratio = abs(mean) / width
+            worst[0] = max(worst[0], ratio)
+            if ratio >= top / 10:
+                seen.add("large positive offset" if mean > 0 else "large negative offset")
+            if ratio < 1:
+                seen.add("tiny spread" if width < 10.0 ** (low + 1) else None)
+                seen.add("huge spread" if width >= 10.0**high else None)
+                if dtype == "float32" and len(np.unique(f)) <= 5:
+                    seen.add("ties")
+
+    collect()
+    assert worst[0] <= 2 * top  # bfloat16 rounds a range of 1 spread down to 1/2
+    want = {"constant", "large positive offset", "large negative offset", "tiny spread"}
+    want |= {"huge spread"} | ({"ties"} if dtype == "float32" else set())
+    assert want <= seen
+
+
+def test_masks_draw_every_density():
+    """All False, about half, about 80% (most examples kept), all True."""
+    seen = set()
+
+    @settings(max_examples=200, deadline=None, database=None)
+    @given(_masks((8, 8), (1,)))
+    def collect(mask):
+        if mask is not None and mask.size >= 32:
+            share = float(np.mean(np.asarray(mask)))
+            seen.add(min((0.0, 0.5, 0.8, 1.0), key=lambda d: abs(d - share)))
+
+    collect()
+    assert seen == {0.0, 0.5, 0.8, 1.0}
+
+
+def test_states_advance_the_count_and_draw_params_of_either_sign():
+    bn = bnjax.BatchNorm(momentum=0.5)
+    init_params, init_state = bn.init((4, 3))
+    counts, seen = set(), set()
+
+    @settings(
+        max_examples=25, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
+    )
+    @given(states(bn, (4, 3), max_updates=2))
+    def collect(drawn):
+        params, state = drawn
+        counts.add(int(state.count))
+        if int(state.count) and not np.array_equal(state.var, init_state.var):
+            seen.add("updated")
+        scale = np.asarray(params.scale)
+        if not np.array_equal(scale, init_params.scale):
+            seen.update("negative scale" if s < 0 else "positive scale" for s in scale)
+
+    collect()
+    assert counts == {0, 1, 2}
+    assert seen == {"updated", "negative scale", "positive scale"}
+
+
+def test_noise_seeds_span_32_bits():
+    """The numpy noise of values, masks and parameters comes from one seed per draw: a
+    narrow seed range would repeat the same noise across examples."""
+    seeds = set()
+
+    @settings(max_examples=100, deadline=None, database=None)
+    @given(_SEEDS)
+    def collect(seed):
+        seeds.add(seed)
+
+    collect()
+    assert min(seeds) >= 0 and max(seeds) >= 2**31 and len(seeds) > 64
+    np.random.default_rng(2**32 - 1)  # the largest is a seed numpy takes
