@@ -1,13 +1,27 @@
 """Batch statistics (``bnjax._src.moments``) against numpy float64 references."""
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from reference import moments
 
-from bnjax._src.moments import FAST_RATIO, accumulation_dtype, batch_moments
+from bnjax._src.moments import (
+    FAST_RATIO,
+    STATISTICS,
+    accumulation_dtype,
+    batch_moments,
+    checked_moments,
+    eager_choice,
+    is_concrete,
+    well_conditioned,
+)
 from bnjax._src.reduction import Reduction, expand_mask
+from bnjax._src.types import Moments
 
 RNG = np.random.default_rng(0)
 
@@ -255,3 +269,108 @@ def test_overflowing_plain_sums_take_the_exact_passes(maybe_jit):
     for name in ("chosen", "branchless"):
         np.testing.assert_allclose(got[name][1], var_ref, rtol=1e-5)
         np.testing.assert_allclose(got[name][0], mean_ref, rtol=1e-6)
+
+
+class _Device(NamedTuple):
+    platform: str
+
+
+class _OnDevices:
+    """A concrete array stand-in that reports the devices it lives on."""
+
+    def __init__(self, *platforms):
+        self._devices = {_Device(p) for p in platforms}
+
+    def devices(self):
+        return self._devices
+
+
+def test_eager_choice_follows_the_platform_of_concrete_arrays():
+    """Op by op, ``"auto"`` is decided by where the arrays live: the checked path on CPU,
+    the branchless one elsewhere, and ``"auto"`` (decide when lowered) for tracers, values
+    without devices, or arrays on several platforms."""
+    cpu = jnp.ones(3)
+    assert eager_choice((cpu, jnp.zeros(2))) == "checked"
+    assert eager_choice(_OnDevices("gpu")) == "branchless"
+    assert eager_choice((_OnDevices("tpu"), _OnDevices("tpu"))) == "branchless"
+    assert eager_choice((_OnDevices("cpu"), _OnDevices("gpu"))) == "auto"
+    assert eager_choice(_OnDevices("cpu", "gpu")) == "auto"
+    assert eager_choice((cpu, 2.0)) == "auto"  # a Python float has no devices
+    jax.jit(lambda a: _assert(eager_choice(a) == "auto"))(cpu)
+    assert is_concrete(cpu, (cpu, 2.0)) is True
+    jax.jit(lambda a: _assert(is_concrete(cpu, a) is False))(cpu)
+
+
+def _assert(condition):
+    assert condition
+    return 0
+
+
+def test_well_conditioned_includes_its_boundary():
+    """``mean**2 <= FAST_RATIO * var``: the plain sums at the boundary, not beyond it."""
+    at = Moments(*(jnp.asarray([v], jnp.float32) for v in (2.0, 2.0, 0.0, 1.0, 1.0)))
+    assert bool(well_conditioned(at))  # 2**2 == 4 * 1
+    beyond = at._replace(pivot=jnp.asarray([2.0001], jnp.float32))
+    assert not bool(well_conditioned(beyond))
+    assert not bool(well_conditioned(at._replace(unit=jnp.asarray([jnp.inf], jnp.float32))))
+    # {1, 3}: mean 2, variance 1, on the boundary: the plain moments (unit 1, no delta).
+    mom = checked_moments(jnp.asarray([[1.0], [3.0]]), Reduction((0,)), jnp.full((1, 1), 2.0))
+    for got, want in zip((mom.unit, mom.delta, mom.mean, mom.var), (1, 0, 2, 1), strict=True):
+        np.testing.assert_array_equal(got, [[want]])
+
+
+@pytest.mark.parametrize("offset", [1e3, 1e12, 1e17])
+def test_checked_path_around_the_plain_mean_at_any_magnitude(maybe_jit, offset):
+    """Offset data whose plain sums are finite take the second exact pass around the plain
+    mean, scaled by ``2 * sqrt(sum(x**2))``: exact up to sums of squares near float32's
+    maximum (1e17 squared, 256 times, is 2.6e36)."""
+    x = (offset * (1 + 1e-3 * RNG.standard_normal((256, 2)))).astype(np.float32)
+    _, mean_ref, var_ref = moments(x)
+    got = _branch(maybe_jit, jnp.asarray(x))
+    assert not got["took_plain"]
+    np.testing.assert_allclose(got["chosen"][1], var_ref, rtol=1e-5)
+    np.testing.assert_allclose(got["chosen"][0], mean_ref, rtol=1e-6)
+
+
+def _explicit_mesh(n):
+    return jax.make_mesh(
+        (n,), ("d",), axis_types=(jax.sharding.AxisType.Explicit,), devices=jax.devices()[:n]
+    )
+
+
+@pytest.mark.parametrize("statistics", STATISTICS)
+@pytest.mark.parametrize(
+    "n, shape, x_spec, mask_spec",
+    [
+        (2, (2, 3), ("d", None), None),  # the batch axis, two elements, one per device
+        (8, (64, 3), ("d", None), None),
+        (4, (16, 4), (None, "d"), None),  # the features: the first row slices fine
+        (8, (64, 3), (), ("d",)),  # x replicated, its mask split over the batch
+        (4, (16, 3), ("d", None), ("d",)),
+    ],
+)
+def test_explicit_sharding_of_a_reduced_axis(statistics, n, shape, x_spec, mask_spec):
+    """Under explicit sharding JAX refuses to slice an axis split across devices, so the
+    exact passes take no shift from a sharded reduced axis (of x or of the mask). The
+    statistics still match float64, on offset data whose masked-out first row is a fill
+    value far away (a shift by it would cost every digit of the variance)."""
+    x = (1e3 + 0.1 * RNG.standard_normal(shape)).astype(np.float32)
+    mask = None
+    if mask_spec is not None:
+        mask = RNG.random(shape[0]) < 0.7
+        mask[0] = False
+        x[~mask] = -1e9
+    _, mean_ref, var_ref = moments(x, mask=mask)
+    mesh = _explicit_mesh(n)
+
+    def run(x, mask):
+        m = None if mask is None else expand_mask(mask, x.shape, (1,))
+        mom = batch_moments(x, Reduction((0,), m), statistics=statistics)
+        return mom.mean, mom.var
+
+    with jax.sharding.set_mesh(mesh):
+        xs = jax.device_put(x, NamedSharding(mesh, P(*x_spec)))
+        ms = None if mask is None else jax.device_put(mask, NamedSharding(mesh, P(*mask_spec)))
+        mean, var = jax.jit(run)(xs, ms)
+    np.testing.assert_allclose(np.ravel(var), var_ref, rtol=1e-5)
+    np.testing.assert_allclose(np.ravel(mean), mean_ref, rtol=0, atol=6.2e-5)
