@@ -14,6 +14,7 @@ import pytest
 from reference import full_mask, reduce_axes, train_forward
 
 import bnjax
+from bnjax._src.normalize import affine_pass, rounded_shift
 
 EPS = 1e-3
 
@@ -213,3 +214,52 @@ def test_hessian_matches_float64_and_forward_mode_is_refused():
     y = lambda x: bn.apply(params, state, x, training=False)[0]  # noqa: E731
     _, tangent = jax.jvp(y, (x,), (jnp.ones_like(x),))
     np.testing.assert_allclose(tangent, jax.grad(lambda x: jnp.sum(y(x)))(x), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "dtype, subtractions", [(jnp.bfloat16, 0), (jnp.float16, 0), (jnp.float32, 1)]
+)
+def test_coarse_inputs_take_one_multiply_add_per_element(dtype, subtractions):
+    """bfloat16 and float16 inputs are normalized as ``x * a + offset``, with no
+    subtraction per element (the pass runs at the speed of a plain affine); float32 inputs
+    subtract the rounded mean first, so offset data lose nothing to cancellation."""
+    x = jnp.ones((8, 3), dtype)
+    per = jnp.ones((1, 3), jnp.float32)
+    jaxpr = jax.make_jaxpr(lambda x: affine_pass(x, per, per, per, per, dtype))(x)
+    full = [e.primitive.name for e in jaxpr.eqns if e.outvars[0].aval.shape == x.shape]
+    assert full.count("sub") == subtractions and full.count("mul") == 1, full
+
+
+def test_rounded_shift_splits_the_mean_into_its_rounding_and_the_rest():
+    """``pivot + delta`` rounded to float32, and the residual the rounding left out: the two
+    add up to ``pivot + delta`` to the residual's own rounding."""
+    pivot = jnp.asarray([1000.0, -3.0, 0.0], jnp.float32)
+    delta = jnp.asarray([5e-5, 2e-7, 0.0], jnp.float32)  # past half a rounding unit
+    mean, residual = rounded_shift(pivot, delta)
+    want = np.float64(pivot) + np.float64(delta)
+    np.testing.assert_array_equal(mean, want.astype(np.float32))
+    np.testing.assert_allclose(np.float64(mean) + np.float64(residual), want, rtol=1e-13)
+
+
+def test_masked_out_nan_and_inf_padding_leave_the_gradients_finite(maybe_jit):
+    """Padding filled with NaN and Inf, masked out, and ignored by the loss (cotangent 0
+    there): ``0 * NaN`` must not reach the sums, and a cotangent of exactly 1 or -1 counts
+    like any other. Against float64 on the padding replaced by zeros."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(16, 3)).astype(np.float32)
+    mask = np.arange(16) < 11
+    x[11:13] = np.nan
+    x[13:] = np.inf
+    g = rng.normal(size=(16, 3)).astype(np.float32)
+    g[:11:3] = 1.0
+    g[1:11:4] = -1.0
+    g[~mask] = 0.0
+    bn = bnjax.BatchNorm(epsilon=EPS)
+    params, state = bn.init(x)
+    run = maybe_jit(functools.partial(_bnjax_grads, bn, training=True))
+    _, dx, dscale, dbias = run(params, state, jnp.asarray(x), jnp.asarray(mask), jnp.asarray(g))
+    filled = np.where(mask[:, None], x, 0).astype(np.float32)
+    want = _textbook_grads(filled, np.ones(3), np.zeros(3), mask, g, -1)
+    for got, ref in zip((dx, dscale, dbias), want, strict=True):
+        assert np.all(np.isfinite(got))
+        _assert_close(got, ref)
