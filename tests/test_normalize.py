@@ -112,7 +112,8 @@ def test_training_gradients_match_float64_textbook(maybe_jit, case, center, scal
 
 def test_masked_out_inputs_get_only_their_direct_gradient(maybe_jit):
     # A masked-out element does not shape the statistics: its output moves with it at
-    # slope scale/sqrt(var+eps), and NaN there leaves the other gradients finite.
+    # slope scale/sqrt(var+eps). NaN and Inf padding:
+    # test_masked_out_nan_and_inf_padding_leave_the_gradients_finite.
     rng = np.random.default_rng(1)
     x = rng.normal(size=(16, 3)).astype(np.float32)
     mask = np.arange(16) < 11
