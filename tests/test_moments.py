@@ -332,12 +332,6 @@ def test_checked_path_around_the_plain_mean_at_any_magnitude(maybe_jit, offset):
     np.testing.assert_allclose(got["chosen"][0], mean_ref, rtol=1e-6)
 
 
-def _explicit_mesh(n):
-    return jax.make_mesh(
-        (n,), ("d",), axis_types=(jax.sharding.AxisType.Explicit,), devices=jax.devices()[:n]
-    )
-
-
 @pytest.mark.parametrize("statistics", STATISTICS)
 @pytest.mark.parametrize(
     "n, shape, x_spec, mask_spec",
@@ -361,7 +355,8 @@ def test_explicit_sharding_of_a_reduced_axis(statistics, n, shape, x_spec, mask_
         mask[0] = False
         x[~mask] = -1e9
     _, mean_ref, var_ref = moments(x, mask=mask)
-    mesh = _explicit_mesh(n)
+    explicit = (jax.sharding.AxisType.Explicit,)
+    mesh = jax.make_mesh((n,), ("d",), axis_types=explicit, devices=jax.devices()[:n])
 
     def run(x, mask):
         m = None if mask is None else expand_mask(mask, x.shape, (1,))

@@ -218,12 +218,22 @@ def test_import_without_hypothesis_says_what_to_install(monkeypatch):
 # validity properties above, so each region is collected over many cheap draws.
 
 
+def _draws(strategy, n, **options):
+    """``n`` examples of ``strategy`` (hypothesis's own choice of them, not shrunk)."""
+    found = []
+
+    @settings(max_examples=n, deadline=None, database=None, **options)
+    @given(strategy)
+    def take(value):
+        found.append(value)
+
+    take()
+    return found
+
+
 def test_configs_draw_every_form_of_axis_and_each_fits_rank_4():
     seen = set()
-
-    @settings(max_examples=300, deadline=None, database=None)
-    @given(configs(), configs(virtual_batch_size=1))
-    def collect(bn, one):
+    for bn, one in _draws(st.tuples(configs(), configs(virtual_batch_size=1)), 300):
         for config in (bn, one):
             inputs(config, max_rank=4)  # refuses an axis no input of rank <= 4 fits
         axis = bn.axis
@@ -237,52 +247,29 @@ def test_configs_draw_every_form_of_axis_and_each_fits_rank_4():
         seen.update("negative" if a < 0 else "positive" for a in axes)
         if not isinstance(one.axis, int) and len(one.axis) == 2:
             seen.add("two axes with virtual batches of 1")
-
-    collect()
     want = {"int", "1-tuple", "tuple", "unordered", "negative", "positive"}
     assert want | {"two axes with virtual batches of 1"} <= seen
 
 
 def test_inputs_fit_the_highest_rank_exactly_and_no_higher():
-    x, _ = _example(inputs(bnjax.BatchNorm(axis=-2), max_rank=2))
+    x, _ = _draws(inputs(bnjax.BatchNorm(axis=-2), max_rank=2), 1)[0]
     assert x.ndim == 2  # -2 fits rank 2, the highest
-    x, _ = _example(inputs(bnjax.BatchNorm(axis=(0, 3)), max_rank=4))
+    x, _ = _draws(inputs(bnjax.BatchNorm(axis=(0, 3)), max_rank=4), 1)[0]
     assert x.ndim == 4
     for axis in (2, -3):
         with pytest.raises(ValueError, match=rf"max_rank=2 fits axis={axis} with "):
             inputs(bnjax.BatchNorm(axis=axis), max_rank=2)
 
 
-def _example(strategy):
-    found = []
-
-    @settings(max_examples=1, deadline=None, database=None)
-    @given(strategy)
-    def take(value):
-        found.append(value)
-
-    take()
-    return found[0]
-
-
 def test_inputs_draw_every_size_of_a_reduced_axis():
     """Sizes 1 to max_side on the batch axis: only a batch of one element per feature
     in all is grown to two."""
-    sizes = {None: set(), 2: set()}
-
-    @settings(max_examples=200, deadline=None, database=None)
-    @given(inputs(bnjax.BatchNorm(axis=-1), max_rank=3, max_side=4))
-    def collect(batch):
-        sizes[None].add(batch.x.shape[0])
-
-    @settings(max_examples=200, deadline=None, database=None)
-    @given(inputs(bnjax.BatchNorm(axis=-1, virtual_batch_size=2), max_rank=3, max_side=4))
-    def collect_virtual(batch):
-        if batch.x.ndim == 3:
-            sizes[2].add(batch.x.shape[1])
-
-    collect()
-    collect_virtual()
+    plain = _draws(inputs(bnjax.BatchNorm(axis=-1), max_rank=3, max_side=4), 200)
+    virtual = inputs(bnjax.BatchNorm(axis=-1, virtual_batch_size=2), max_rank=3, max_side=4)
+    sizes = {
+        None: {b.x.shape[0] for b in plain},
+        2: {b.x.shape[1] for b in _draws(virtual, 200) if b.x.ndim == 3},
+    }
     assert sizes == {None: {1, 2, 3, 4}, 2: {1, 2, 3, 4}}
 
 
@@ -298,31 +285,27 @@ def test_values_reach_both_signs_and_every_size_of_offset_and_spread(dtype):
     |mean| / range stays within the largest offset ratio, and reaches it on both signs;
     the range spans the powers of ten of the spread; ties and constants are drawn."""
     seen = set()
-    worst = [0.0]
+    worst = 0.0
     top = MAX_RATIO[dtype]
     low, high = SPREAD_EXPONENTS[dtype]
-
-    @settings(max_examples=200, deadline=None, database=None)
-    @given(_values((16, 3), (1,), jnp.dtype(dtype)))
-    def collect(x):
-        x = np.asarray(x, np.float64)
-        for f in x.T:
+    for x in _draws(_values((16, 3), (1,), jnp.dtype(dtype)), 200):
+        for f in np.asarray(x, np.float64).T:
             width, mean = f.max() - f.min(), f.mean()
             if width == 0:
                 seen.add("constant")
                 continue
             ratio = abs(mean) / width
-            worst[0] = max(worst[0], ratio)
+            worst = max(worst, ratio)
             if ratio >= top / 10:
                 seen.add("large positive offset" if mean > 0 else "large negative offset")
             if ratio < 1:
-                seen.add("tiny spread" if width < 10.0 ** (low + 1) else None)
-                seen.add("huge spread" if width >= 10.0**high else None)
+                if width < 10.0 ** (low + 1):
+                    seen.add("tiny spread")
+                if width >= 10.0**high:
+                    seen.add("huge spread")
                 if dtype == "float32" and len(np.unique(f)) <= 5:
                     seen.add("ties")
-
-    collect()
-    assert worst[0] <= 2 * top  # bfloat16 rounds a range of 1 spread down to 1/2
+    assert worst <= 2 * top  # bfloat16 rounds a range of 1 spread down to 1/2
     want = {"constant", "large positive offset", "large negative offset", "tiny spread"}
     want |= {"huge spread"} | ({"ties"} if dtype == "float32" else set())
     assert want <= seen
@@ -331,15 +314,10 @@ def test_values_reach_both_signs_and_every_size_of_offset_and_spread(dtype):
 def test_masks_draw_every_density():
     """All False, about half, about 80% (most examples kept), all True."""
     seen = set()
-
-    @settings(max_examples=200, deadline=None, database=None)
-    @given(_masks((8, 8), (1,)))
-    def collect(mask):
+    for mask in _draws(_masks((8, 8), (1,)), 200):
         if mask is not None and mask.size >= 32:
             share = float(np.mean(np.asarray(mask)))
             seen.add(min((0.0, 0.5, 0.8, 1.0), key=lambda d: abs(d - share)))
-
-    collect()
     assert seen == {0.0, 0.5, 0.8, 1.0}
 
 
@@ -347,21 +325,16 @@ def test_states_advance_the_count_and_draw_params_of_either_sign():
     bn = bnjax.BatchNorm(momentum=0.5)
     init_params, init_state = bn.init((4, 3))
     counts, seen = set(), set()
-
-    @settings(
-        max_examples=25, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
+    drawn = _draws(
+        states(bn, (4, 3), max_updates=2), 25, suppress_health_check=[HealthCheck.too_slow]
     )
-    @given(states(bn, (4, 3), max_updates=2))
-    def collect(drawn):
-        params, state = drawn
+    for params, state in drawn:
         counts.add(int(state.count))
         if int(state.count) and not np.array_equal(state.var, init_state.var):
             seen.add("updated")
         scale = np.asarray(params.scale)
         if not np.array_equal(scale, init_params.scale):
             seen.update("negative scale" if s < 0 else "positive scale" for s in scale)
-
-    collect()
     assert counts == {0, 1, 2}
     assert seen == {"updated", "negative scale", "positive scale"}
 
@@ -369,13 +342,6 @@ def test_states_advance_the_count_and_draw_params_of_either_sign():
 def test_noise_seeds_span_32_bits():
     """The numpy noise of values, masks and parameters comes from one seed per draw: a
     narrow seed range would repeat the same noise across examples."""
-    seeds = set()
-
-    @settings(max_examples=100, deadline=None, database=None)
-    @given(_SEEDS)
-    def collect(seed):
-        seeds.add(seed)
-
-    collect()
+    seeds = set(_draws(_SEEDS, 100))
     assert min(seeds) >= 0 and max(seeds) >= 2**24 and len(seeds) > 64
     np.random.default_rng(2**32 - 1)  # the largest is a seed numpy takes
