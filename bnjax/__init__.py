@@ -7,11 +7,11 @@
 """
 
 from bnjax import interop, presets
-from bnjax._src.batchnorm import BatchNorm
+from bnjax._src.batchnorm import BatchNorm, OneElementWarning
 from bnjax._src.checks import CheckWarning
 from bnjax._src.fold import fold_into_conv, fold_into_dense
-from bnjax._src.population import PopulationAccumulator
 from bnjax._src.recalibrate import recalibrate
+from bnjax._src.renorm import Renorm
 from bnjax._src.types import BatchNormParams, BatchNormState
 
 __version__ = "0.1.0"
@@ -21,11 +21,12 @@ __all__ = [
     "BatchNormParams",
     "BatchNormState",
     "CheckWarning",
-    "PopulationAccumulator",
+    "OneElementWarning",
     "__version__",
     "fold_into_conv",
     "fold_into_dense",
     "interop",
     "presets",
+    "Renorm",
     "recalibrate",
 ]

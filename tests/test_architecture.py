@@ -118,4 +118,4 @@ def test_update_stats_false_leaves_an_accumulator_unchanged():
     y_ref, _ = bn.apply(params, state, x, training=True)
     np.testing.assert_array_equal(y, y_ref)
     _, merged = bn.apply(params, population, x, training=True)
-    assert int(merged.batches) == 1
+    assert int(merged.count) == 1

@@ -11,7 +11,8 @@ from reference import moments, running_average, running_stats
 
 import bnjax
 from bnjax._src.averaging import update
-from bnjax._src.types import BatchNormState, Moments
+from bnjax._src.moments import Moments
+from bnjax._src.types import BatchNormState
 
 # maybe_jit is a stateless function-scoped fixture, safe to share across examples.
 PROPERTY = settings(
@@ -141,7 +142,7 @@ def _moments_of(x):
     as32 = lambda a: jnp.asarray(a.reshape(1, -1), jnp.float32)  # noqa: E731
     zeros = jnp.zeros_like(as32(mean))
     return Moments(
-        count=as32(n), pivot=as32(mean), delta=zeros, scaled_var=as32(var), unit=zeros + 1
+        n=as32(n), pivot=as32(mean), delta=zeros, scaled_var=as32(var), unit=zeros + 1
     )
 
 
@@ -171,9 +172,9 @@ def test_update_skips_unusable_batches(maybe_jit):
     x = np.random.default_rng(5).normal(size=(4, 2))
     bad = [
         # A feature without data under a count-weighted average: the batch is left out.
-        (_moments_of(x)._replace(count=jnp.asarray([[4.0, 0.0]], jnp.float32)), "debiased"),
-        (_moments_of(x)._replace(count=jnp.asarray([[0.0, 4.0]], jnp.float32)), "cumulative"),
-        (_moments_of(x)._replace(count=jnp.asarray([[0.0, 0.0]], jnp.float32)), "ema"),
+        (_moments_of(x)._replace(n=jnp.asarray([[4.0, 0.0]], jnp.float32)), "debiased"),
+        (_moments_of(x)._replace(n=jnp.asarray([[0.0, 4.0]], jnp.float32)), "cumulative"),
+        (_moments_of(x)._replace(n=jnp.asarray([[0.0, 0.0]], jnp.float32)), "ema"),
         (_moments_of(x)._replace(scaled_var=jnp.asarray([[1.0, np.nan]], jnp.float32)), "ema"),
         (_moments_of(x)._replace(delta=jnp.asarray([[np.inf, 0.0]], jnp.float32)), "ema"),
     ]
@@ -194,7 +195,7 @@ def test_ema_averages_the_features_with_data_and_keeps_the_others(maybe_jit, run
     state = _state([0.5, -1.0, 2.0], [1.5, 0.5, 3.0], 2)
     x = np.random.default_rng(6).normal(size=(4, 3))
     short = 1.0 if running_var == "unbiased" else 0.0
-    mom = _moments_of(x)._replace(count=jnp.asarray([[4.0, short, 4.0]], jnp.float32))
+    mom = _moments_of(x)._replace(n=jnp.asarray([[4.0, short, 4.0]], jnp.float32))
     full = maybe_jit(lambda s, m: _update(s, m, running_var=running_var))(state, _moments_of(x))
     new = maybe_jit(lambda s, m: _update(s, m, running_var=running_var))(state, mom)
     pairs = ((new.mean, full.mean, state.mean), (new.var, full.var, state.var))

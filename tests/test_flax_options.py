@@ -24,9 +24,9 @@ OPTIONS = {
     "averaging_debiased": {"averaging": "debiased"},
     "averaging_cumulative": {"averaging": "cumulative"},
     "running_var_unbiased": {"running_var": "unbiased"},
-    "renorm": {"renorm": True, "renorm_rmax": 1.2, "renorm_dmax": 0.1},
-    "renorm_ramp": {"renorm": True, "renorm_ramp_start": 1, "renorm_ramp_steps": 2},
-    "renorm_ramp_steps": {"renorm": True, "renorm_ramp_steps": 4},
+    "renorm": {"renorm": bnjax.Renorm(rmax=1.2, dmax=0.1)},
+    "renorm_ramp": {"renorm": bnjax.Renorm(ramp_start=1, ramp_steps=2)},
+    "renorm_ramp_steps": {"renorm": bnjax.Renorm(ramp_steps=4)},
     "virtual_batch_size": {"virtual_batch_size": 4},
 }
 

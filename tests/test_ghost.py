@@ -136,7 +136,7 @@ def test_ghost_with_mask_and_image_layout(maybe_jit):
 
 def test_ghost_with_renorm():
     x, g, scale, bias = _setup(3)
-    bn = bnjax.BatchNorm(virtual_batch_size=6, renorm=True, renorm_rmax=1.2, renorm_dmax=0.2)
+    bn = bnjax.BatchNorm(virtual_batch_size=6, renorm=bnjax.Renorm(rmax=1.2, dmax=0.2))
     params, state = bn.init(x)
     state = state._replace(mean=jnp.full(3, 1.0), var=jnp.full(3, 2.0))
     y, _ = bn.apply(_params(bn, scale, bias), state, x, training=True)

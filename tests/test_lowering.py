@@ -128,7 +128,7 @@ def programs():
     ghost = _core(virtual_batch_size=4)
     out["ghost_forward_backward"] = ghost["forward_backward"]
     out["ghost_forward_backward_masked"] = ghost["forward_backward_masked"]
-    renorm = _core(renorm=True, renorm_ramp_start=2, renorm_ramp_steps=10)
+    renorm = _core(renorm=bnjax.Renorm(ramp_start=2, ramp_steps=10))
     out["renorm_forward_backward"] = renorm["forward_backward"]
     out["shard_map_axis_name_step"] = _shard_map_step()
     out["linen_train_step"] = _linen_step()
@@ -185,9 +185,10 @@ def test_flax_wrappers_expose_statistics():
         bnjax.BatchNorm(statistics="fast")
 
 
-def test_vmap_on_cpu_takes_the_branchless_path():
-    """Under ``jax.vmap`` a checked conditional would run both branches, so ``"auto"`` runs
-    the branchless statistics there, forward and backward: bit for bit the same numbers."""
+def test_vmap_of_auto_on_cpu_equals_the_branchless_path():
+    """Under ``jax.vmap`` ``"auto"`` on CPU is the checked path with its conditional batched
+    (every branch runs, each example keeps its own): forward and backward give the numbers
+    of the branchless path to float32 rounding, on centred and offset examples alike."""
     xs = jnp.stack([X, X * 0.01 + 1e3, -X])
 
     def run(statistics):
@@ -195,5 +196,7 @@ def test_vmap_on_cpu_takes_the_branchless_path():
         return jax.jit(jax.vmap(lambda x: fn(params, state, x, None)))(xs)
 
     auto, branchless = run("auto"), run("branchless")
+    # Gradients that cancel to 0 (sum(g * xhat) of a centred example) carry the rounding of
+    # their terms: 2e-4 against terms of order 1 summed over the batch.
     for a, b in zip(jax.tree.leaves(auto), jax.tree.leaves(branchless), strict=True):
-        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-4)

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import bnjax
-from bnjax._src.population import start
+from bnjax._src.population import PopulationAccumulator, start
 
 
 def _batches(seed, sizes, c=3, loc=2.0, scale=3.0):
@@ -113,7 +113,7 @@ def test_accumulator_normalizes_like_apply(maybe_jit):
     apply = maybe_jit(bn.apply, static_argnames=("training",))
     y_train, acc = apply(params, start(state), x, training=True)
     np.testing.assert_allclose(y_train, _train_norm(x, 1.0, 0.0, 1e-3), rtol=1e-5, atol=1e-5)
-    assert isinstance(acc, bnjax.PopulationAccumulator) and int(acc.batches) == 1
+    assert isinstance(acc, PopulationAccumulator) and int(acc.count) == 1
     y_eval, _ = apply(params, start(state), x, training=False)
     expected = (x.astype(np.float64) - 1.0) / np.sqrt(4.0 + 1e-3)
     np.testing.assert_allclose(y_eval, expected, rtol=1e-5, atol=1e-5)

@@ -70,7 +70,7 @@ def test_reference_gradient_matches_finite_differences():
 def test_renorm_matches_reference_over_steps(rmax, dmax, maybe_jit):
     x, g, scale, bias = _setup()
     bn = bnjax.BatchNorm(
-        momentum=0.7, epsilon=1e-3, renorm=True, renorm_rmax=rmax, renorm_dmax=dmax
+        momentum=0.7, epsilon=1e-3, renorm=bnjax.Renorm(rmax=rmax, dmax=dmax)
     )
     params, state = bn.init(x)
     params = bnjax.BatchNormParams(jnp.asarray(scale, jnp.float32), jnp.asarray(bias, jnp.float32))
@@ -97,7 +97,7 @@ def test_renorm_matches_reference_over_steps(rmax, dmax, maybe_jit):
 
 def test_renorm_without_scale_or_bias():
     x, g, _, _ = _setup(1)
-    bn = bnjax.BatchNorm(scale=False, center=False, renorm=True, renorm_rmax=1.2, renorm_dmax=0.3)
+    bn = bnjax.BatchNorm(scale=False, center=False, renorm=bnjax.Renorm(rmax=1.2, dmax=0.3))
     params, state = bn.init(x)
     state = state._replace(mean=jnp.full(5, 0.5), var=jnp.full(5, 3.0))
     ones, zeros = np.ones(5), np.zeros(5)
@@ -112,7 +112,7 @@ def test_renorm_without_scale_or_bias():
 def test_ramp_schedule_follows_state_count(count, maybe_jit):
     x, g, scale, bias = _setup(2)
     bn = bnjax.BatchNorm(
-        renorm=True, renorm_rmax=2.0, renorm_dmax=1.0, renorm_ramp_start=3, renorm_ramp_steps=8
+        renorm=bnjax.Renorm(rmax=2.0, dmax=1.0, ramp_start=3, ramp_steps=8)
     )
     params, state = bn.init(x)
     params = bnjax.BatchNormParams(jnp.asarray(scale, jnp.float32), jnp.asarray(bias, jnp.float32))
@@ -127,7 +127,7 @@ def test_ramp_schedule_follows_state_count(count, maybe_jit):
 
 def test_ramp_without_steps_switches_at_start():
     x, g, scale, bias = _setup(3)
-    bn = bnjax.BatchNorm(renorm=True, renorm_rmax=2.0, renorm_dmax=1.0, renorm_ramp_start=2)
+    bn = bnjax.BatchNorm(renorm=bnjax.Renorm(rmax=2.0, dmax=1.0, ramp_start=2))
     params, state = bn.init(x)
     state = state._replace(mean=jnp.full(5, 4.0), var=jnp.full(5, 0.2))
     ones, zeros = np.ones(5), np.zeros(5)
@@ -140,7 +140,7 @@ def test_ramp_without_steps_switches_at_start():
 
 def test_inference_and_frozen_state_are_unaffected():
     x, _, scale, bias = _setup(4)
-    bn = bnjax.BatchNorm(renorm=True, renorm_rmax=1.5, renorm_dmax=0.5)
+    bn = bnjax.BatchNorm(renorm=bnjax.Renorm(rmax=1.5, dmax=0.5))
     params, state = bn.init(x)
     params = bnjax.BatchNormParams(jnp.asarray(scale, jnp.float32), jnp.asarray(bias, jnp.float32))
     state = state._replace(mean=jnp.full(5, 1.0), var=jnp.full(5, 2.0))
@@ -155,7 +155,7 @@ def test_inference_and_frozen_state_are_unaffected():
 def test_renorm_with_mask_uses_counted_rows():
     x, g, scale, bias = _setup(5)
     mask = np.arange(16) % 3 != 0
-    bn = bnjax.BatchNorm(renorm=True, renorm_rmax=1.3, renorm_dmax=0.4)
+    bn = bnjax.BatchNorm(renorm=bnjax.Renorm(rmax=1.3, dmax=0.4))
     params, state = bn.init(x)
     params = bnjax.BatchNormParams(jnp.asarray(scale, jnp.float32), jnp.asarray(bias, jnp.float32))
     x_bad = np.where(mask[:, None], x, np.nan).astype(np.float32)
@@ -168,7 +168,7 @@ def test_renorm_with_mask_uses_counted_rows():
 def test_renorm_across_devices_equals_one_device():
     x, g, scale, bias = _setup(6)
     mesh = jax.make_mesh((4,), ("d",))
-    bn = bnjax.BatchNorm(axis_name="d", renorm=True, renorm_rmax=1.4, renorm_dmax=0.6)
+    bn = bnjax.BatchNorm(axis_name="d", renorm=bnjax.Renorm(rmax=1.4, dmax=0.6))
     params, state = bn.init(x)
     params = bnjax.BatchNormParams(jnp.asarray(scale, jnp.float32), jnp.asarray(bias, jnp.float32))
     state = state._replace(mean=jnp.full(5, 0.5), var=jnp.full(5, 2.0))
@@ -196,28 +196,33 @@ def test_renorm_across_devices_equals_one_device():
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        (dict(renorm="yes"), TypeError, "renorm"),
-        (dict(renorm_rmax=0.5), ValueError, "renorm_rmax=0.5"),
-        (dict(renorm_dmax=-1.0), ValueError, "renorm_dmax=-1.0"),
-        (dict(renorm_ramp_steps=-1), ValueError, "renorm_ramp_steps=-1"),
-        (dict(renorm_ramp_start=1.5), TypeError, "renorm_ramp_start"),
+        (dict(rmax=0.5), ValueError, "renorm.rmax=0.5"),
+        (dict(dmax=-1.0), ValueError, "renorm.dmax=-1.0"),
+        (dict(ramp_steps=-1), ValueError, "renorm.ramp_steps=-1"),
+        (dict(ramp_start=1.5), TypeError, "renorm.ramp_start"),
+        (dict(ramp_start=None), TypeError, r"renorm.ramp_start must be an int; got None"),
+        (dict(ramp_steps=True), TypeError, r"renorm.ramp_steps must be an int; got True"),
     ],
 )
-def test_invalid_renorm_settings(kwargs, error, match):
+def test_invalid_renorm_settings_are_refused_naming_the_field(kwargs, error, match):
     with pytest.raises(error, match=match):
-        bnjax.BatchNorm(**kwargs)
+        bnjax.Renorm(**kwargs)
+
+
+@pytest.mark.parametrize("renorm", [True, "yes", {"rmax": 2.0}])
+def test_renorm_must_be_a_renorm_value(renorm):
+    with pytest.raises(TypeError, match=r"renorm must be None or a bnjax.Renorm; got"):
+        bnjax.BatchNorm(renorm=renorm)
 
 
 @pytest.mark.parametrize(("ramp_start", "ramp_steps"), [(2, 4), (1, 0), (0, 3), (0, 0)])
 def test_limits_follow_the_ramp_at_every_count(ramp_start, ramp_steps):
     """The limits after ``count`` batches, against the closed form (numpy float64):
     1 and 0 for the first ``ramp_start`` batches, then linear to ``rmax``/``dmax``."""
-    from bnjax._src.renorm import limits
-
     rmax, dmax = 3.0, 5.0
+    renorm = bnjax.Renorm(rmax=rmax, dmax=dmax, ramp_start=ramp_start, ramp_steps=ramp_steps)
     for count in range(9):
-        got = limits(jnp.asarray(count, jnp.int32), jnp.float32, rmax=rmax, dmax=dmax,
-                     ramp_start=ramp_start, ramp_steps=ramp_steps)  # fmt: skip
+        got = renorm.limits(jnp.asarray(count, jnp.int32), jnp.float32)
         t = count - ramp_start
         frac = float(t >= 0) if ramp_steps == 0 else float(np.clip(t / ramp_steps, 0, 1))
         np.testing.assert_allclose([float(g) for g in got],

@@ -82,8 +82,7 @@ def test_every_drawn_config_is_valid(bn):
     assert bn.axis_name is None and bn.axis_index_groups is None and bn.checks is False
     assert bn.dtype in FLOATS | {None} and bn.param_dtype in FLOATS
     inputs(bn, max_rank=4)  # some input of the default rank fits it
-    if not bn.renorm:
-        assert (bn.renorm_rmax, bn.renorm_dmax, bn.renorm_ramp_steps) == (3.0, 5.0, 0)
+    assert bn.renorm is None or isinstance(bn.renorm, bnjax.Renorm)
 
 
 @DRAWING
@@ -149,10 +148,10 @@ def test_states_count_their_updates(data):
 
 def test_fixed_fields_are_kept():
     @settings(max_examples=20, deadline=None, database=None)
-    @given(configs(axis=(1, -1), virtual_batch_size=2, averaging="debiased", renorm=True))
+    @given(configs(axis=(1, -1), virtual_batch_size=2, averaging="debiased", renorm=bnjax.Renorm()))
     def check(bn):
         assert bn.axis == (1, -1) and bn.virtual_batch_size == 2
-        assert bn.averaging == "debiased" and bn.renorm
+        assert bn.averaging == "debiased" and bn.renorm == bnjax.Renorm()
 
     check()
 

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from bnjax._src.moments import accumulation_dtype
-from bnjax._src.types import BatchNormState, Moments, all_or_nothing
+import jax
+
+from bnjax._src.moments import Moments, accumulation_dtype
 
 
 def weight(averaging: str, momentum: float, count, dtype):
@@ -36,7 +37,13 @@ def weight(averaging: str, momentum: float, count, dtype):
     return jnp.where(t == 0, 1.0, jnp.expm1(log_m) / jnp.expm1((t + 1.0) * log_m))
 
 
-def _check_floating(state: BatchNormState) -> None:
+def all_or_nothing(ok, new, old):
+    """The pytree ``new`` where the scalar ``ok`` holds, else ``old``: a state update
+    that either happens whole or leaves every leaf as it was."""
+    return jax.tree.map(lambda a, b: jnp.where(ok, a, b).astype(b.dtype), new, old)
+
+
+def _check_floating(state) -> None:
     for name in ("mean", "var"):
         dtype = jnp.result_type(getattr(state, name))
         if not jnp.issubdtype(dtype, jnp.floating):
@@ -61,15 +68,16 @@ def _increment(count):
 
 
 def update(
-    state: BatchNormState,
+    state,
     moments: Moments,
     *,
     momentum: float,
     averaging: str,
     running_var: str,
     skip_nonfinite: bool,
-) -> BatchNormState:
-    """Returns ``state`` with one batch averaged in, or ``state`` itself if it is unusable.
+):
+    """Returns the ``BatchNormState`` ``state`` with one batch averaged in, or ``state``
+    itself if the batch is unusable.
 
     A feature *has data* when it counted an element (two with ``running_var="unbiased"``,
     whose variance needs them). With ``"ema"`` the features with data are averaged in and
@@ -90,7 +98,7 @@ def update(
     _check_floating(state)
     dtype = accumulation_dtype(state.mean.dtype, state.var.dtype)
     shape = state.mean.shape
-    n = jnp.broadcast_to(moments.count, moments.var.shape).reshape(shape).astype(dtype)
+    n = jnp.broadcast_to(moments.n, moments.var.shape).reshape(shape).astype(dtype)
     mean = moments.mean.reshape(shape).astype(dtype)
     var = moments.var.reshape(shape).astype(dtype)
     if running_var == "unbiased":
@@ -101,7 +109,7 @@ def update(
     old_mean, old_var = state.mean.astype(dtype), state.var.astype(dtype)
     new_mean = jnp.where(has_data, _towards(old_mean, mean, w), old_mean)
     new_var = jnp.where(has_data, _towards(old_var, var, w), old_var)
-    new = BatchNormState(
+    new = state._replace(
         mean=new_mean.astype(state.mean.dtype),
         var=new_var.astype(state.var.dtype),
         count=_increment(state.count),

@@ -12,15 +12,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from bnjax._src import averaging, ghost, marks, population, renorm
+from bnjax._src import ghost, marks
 from bnjax._src import checks as runtime_checks
 from bnjax._src import validation as v
-from bnjax._src.moments import STATISTICS, accumulation_dtype, batch_moments
+from bnjax._src.moments import STATISTICS, accumulation_dtype, batch_moments, resolved
 from bnjax._src.normalize import Spec, affine_pass, multiplier, train_normalize
-from bnjax._src.population import PopulationAccumulator
 from bnjax._src.reduction import Reduction, expand_mask
+from bnjax._src.renorm import Renorm
 from bnjax._src.sharding import vary_like
-from bnjax._src.types import Affine, BatchNormParams, BatchNormState, Running
+from bnjax._src.types import BatchNormParams, BatchNormState
 
 
 class OneElementWarning(UserWarning):
@@ -60,13 +60,10 @@ class BatchNorm:
         an error. Under ``checkify.checkify`` the failures also come back in ``err``.
         A program with host callbacks cannot be serialized by ``jax.export``, so export
         with ``checks=False``. See ``bnjax/_src/checks.py``. False traces no check.
-      renorm: batch renormalization (``bnjax/_src/renorm.py``): in training, correct the
-        batch-normalized output by ``r = clip(sigma_B / sigma, 1/rmax, rmax)`` and
-        ``d = clip((mu_B - mu) / sigma, -dmax, dmax)`` towards the running statistics.
-      renorm_rmax, renorm_dmax: the limits of ``r`` (at least 1) and ``|d|``.
-      renorm_ramp_start, renorm_ramp_steps: the limits stay at 1 and 0 for the first
-        ``renorm_ramp_start`` batches (``state.count``), then grow linearly to
-        ``renorm_rmax`` and ``renorm_dmax`` over ``renorm_ramp_steps`` batches.
+      renorm: None, or a :class:`bnjax.Renorm` for batch renormalization
+        (``bnjax/_src/renorm.py``): in training, correct the batch-normalized output by
+        ``r = clip(sigma_B / sigma, 1/rmax, rmax)`` and ``d = clip((mu_B - mu) / sigma,
+        -dmax, dmax)`` towards the running statistics, the limits ramping up as it says.
       virtual_batch_size: ghost batch norm (``bnjax/_src/ghost.py``): in training, split
         axis 0 into chunks of this many rows, each normalized with its own statistics and
         averaged into the running state in order. None uses the whole batch.
@@ -103,11 +100,7 @@ class BatchNorm:
     scale_init: Callable | None = None
     bias_init: Callable | None = None
     checks: bool = False
-    renorm: bool = False
-    renorm_rmax: float = 3.0
-    renorm_dmax: float = 5.0
-    renorm_ramp_start: int = 0
-    renorm_ramp_steps: int = 0
+    renorm: Renorm | None = None
     virtual_batch_size: int | None = None
     statistics: str = "auto"
 
@@ -122,11 +115,11 @@ class BatchNorm:
         v.check_choice("averaging", self.averaging, v.AVERAGING)
         v.check_choice("running_var", self.running_var, v.RUNNING_VAR)
         v.check_choice("statistics", self.statistics, STATISTICS)
-        v.check_bool("renorm", self.renorm)
-        v.check_number("renorm_rmax", self.renorm_rmax, low=1.0)
-        v.check_number("renorm_dmax", self.renorm_dmax, low=0.0)
-        v.check_int("renorm_ramp_start", self.renorm_ramp_start)
-        v.check_int("renorm_ramp_steps", self.renorm_ramp_steps)
+        if self.renorm is not None and not isinstance(self.renorm, Renorm):
+            raise TypeError(
+                f"renorm must be None or a bnjax.Renorm; got {self.renorm!r}. For batch "
+                "renormalization pass renorm=bnjax.Renorm() (or Renorm(rmax=..., dmax=...))"
+            )
         v.check_int("virtual_batch_size", self.virtual_batch_size, low=1, allow_none=True)
         if self.axis_name is not None and not isinstance(self.axis_name, Hashable):
             raise TypeError(f"axis_name must be hashable; got {self.axis_name!r}")
@@ -193,18 +186,16 @@ class BatchNorm:
 
     def apply(
         self, params, state, x, *, training, update_stats=None, mask=None
-    ) -> tuple[jax.Array, BatchNormState | PopulationAccumulator]:
+    ) -> tuple[jax.Array, BatchNormState]:
         """Normalizes ``x`` and returns the new running state.
 
         One call is one computation, ``(y, moments)``, then one update of ``state`` by the
-        batch's moments, chosen by the state's type.
+        batch's moments (``state.fold``).
 
         Args:
           params: ``BatchNormParams`` from :meth:`init`.
-          state: ``BatchNormState`` from :meth:`init` or a previous call; or a
-            ``PopulationAccumulator`` (see :func:`bnjax.recalibrate`), which normalizes as
-            its ``state`` does and gets this batch's exact moments merged in instead of a
-            running-average update.
+          state: ``BatchNormState`` from :meth:`init` or a previous call (or the
+            accumulator :func:`bnjax.recalibrate` passes in its place).
           x: float array of any shape with the feature axes of :attr:`axis`.
           training: required. True normalizes with the statistics of this batch; False
             with the running statistics in ``state``.
@@ -227,114 +218,80 @@ class BatchNorm:
           ValueError: axes out of range for ``x``, or params/state/mask shapes that do not
             match ``x``.
         """
-        v.check_training("training", training)
         update_stats = training if update_stats is None else update_stats
-        v.check_training("update_stats", update_stats)
+        x, mask, axes = self._validated(params, state, x, mask, training, update_stats)
+        update_stats = update_stats and x.size > 0  # an empty batch teaches nothing
+        chunked = training and self.virtual_batch_size is not None
+        if training and x.size:
+            y, moments = resolved(*self._training_pass(params, state.running, x, mask, axes))
+        else:
+            y = self._inference(params, state.running, x, axes)
+            red = Reduction(axes, mask, self.axis_name, self.axis_index_groups)
+            moments = batch_moments(x, red, statistics=self.statistics) if update_stats else None
+        call_id = marks.new_call_id()
+        steps = 0 if not x.size else x.shape[0] // self.virtual_batch_size if chunked else 1
+        flags = {"training": training, "update_stats": update_stats, "steps": steps}
+        y = marks.mark_call(y, state, call_id=call_id, **flags)
+        if not update_stats:
+            return y, state
+        moments = jax.lax.stop_gradient(moments)
+        if self.checks:
+            runtime_checks.check_update(state.running, moments)
+        new = ghost.in_order(state, moments, self) if chunked else state.fold(moments, self)
+        return y, marks.mark_update(new, call_id=call_id)
+
+    def _validated(self, params, state, x, mask, training, update_stats):
+        """Checks one call's arguments against each other; ``(x, mask, reduced axes)``
+        with ``x`` an array and ``mask`` expanded to ``x``'s rank. Warns and adds the
+        runtime checks (``checks=True``) that the call's settings ask for."""
+        v.check_static_bool("training", training)
+        v.check_static_bool("update_stats", update_stats)
         v.check_input(x)
         x = jnp.asarray(x)
-        running = state.state if isinstance(state, PopulationAccumulator) else state
         feat_axes = v.feature_axes(self.axis, x.ndim, x.shape)
-        reduce_axes = tuple(i for i in range(x.ndim) if i not in feat_axes)
-        v.check_trees(
-            params, running, tuple(x.shape[a] for a in feat_axes), self.scale, self.center
-        )
+        axes = tuple(i for i in range(x.ndim) if i not in feat_axes)
+        feat = tuple(x.shape[a] for a in feat_axes)
+        running = v.check_trees(params, state, feat, self.scale, self.center)
         mask = expand_mask(mask, x.shape, feat_axes)
-        chunked = training and self.virtual_batch_size is not None
-        if chunked:
-            ghost.check_batch(self.virtual_batch_size, x.shape, reduce_axes)
+        if training and self.virtual_batch_size is not None:
+            ghost.check_batch(self.virtual_batch_size, x.shape, axes)
         if self.checks:
             runtime_checks.check_apply(
                 running, x, mask, training=training, update_stats=update_stats
             )
         if training:
-            self._warn_if_one_element(x.shape, reduce_axes)
-        call_id = marks.new_call_id()
-        if x.size == 0:  # nothing to learn from: inference, state kept
-            y = self._inference(params, running, x, reduce_axes)
-            y = marks.mark_call(
-                y, state, call_id=call_id, training=training, update_stats=False, steps=0
-            )
-            return y, state
-        y, moments = self._compute(
-            params,
-            running,
-            x,
-            mask,
-            reduce_axes=reduce_axes,
-            training=training,
-            update_stats=update_stats,
-        )
-        steps = x.shape[0] // self.virtual_batch_size if chunked else 1
-        y = marks.mark_call(
-            y, state, call_id=call_id, training=training, update_stats=update_stats, steps=steps
-        )
-        if not update_stats:
-            return y, state
-        if self.checks:
-            runtime_checks.check_update(running, moments)
-        update = self._update_for(state)
-        new = ghost.in_order(update, state, moments) if chunked else update(state, moments)
-        return y, marks.mark_update(new, call_id=call_id)
+            self._warn_if_one_element(x.shape, axes)
+        return x, mask, axes
 
-    def _compute(self, params, running, x, mask, *, reduce_axes, training, update_stats):
-        """The forward computation: ``(y, moments)``, the moments None when nothing will
-        be updated in inference, and without gradient."""
-        if not training:
-            y = self._inference(params, running, x, reduce_axes)
-            if not update_stats:
-                return y, None
-            red = Reduction(reduce_axes, mask, self.axis_name, self.axis_index_groups)
-            return y, batch_moments(jax.lax.stop_gradient(x), red, statistics=self.statistics)
+    def _training_pass(self, params, running, x, mask, axes):
+        """The arguments of ``moments.resolved`` for a training pass: the statistics
+        setting, the pass (plain or in virtual batches) and its operands."""
         spec = Spec(
-            reduce_axes=reduce_axes,
+            reduce_axes=axes,
             epsilon=float(self.epsilon),
             axis_name=self.axis_name,
             axis_index_groups=self.axis_index_groups,
             out_dtype=self.dtype or x.dtype,
-            statistics=self.statistics,
+            renorm=self.renorm,
         )
-        affine = Affine(
+        params = BatchNormParams(
             scale=vary_like(params.scale if self.scale else None, x),
             bias=vary_like(params.bias if self.center else None, x),
         )
-        keep = _keep_dims(x.shape, reduce_axes)
-        seen = Running(
+        keep = _keep_dims(x.shape, axes)
+        seen = BatchNormState(
             mean=self._as_seen(jnp.reshape(running.mean, keep), x),
             var=self._as_seen(jnp.reshape(running.var, keep), x),
+            count=running.count if self.renorm is not None else None,
         )
-        limits = None
-        if self.renorm:
-            limits = renorm.limits(
-                running.count,
-                accumulation_dtype(x.dtype),
-                rmax=self.renorm_rmax,
-                dmax=self.renorm_dmax,
-                ramp_start=self.renorm_ramp_start,
-                ramp_steps=self.renorm_ramp_steps,
-            )
+        operands = (x, params, mask, seen)
         if self.virtual_batch_size is None:
-            y, moments = train_normalize(spec, x, affine, mask, seen, limits)
-        else:
-            y, moments = ghost.ghost_normalize(
-                spec, x, affine, mask, seen, limits, virtual_batch_size=self.virtual_batch_size
-            )
-        return y, jax.lax.stop_gradient(moments)
-
-    def _update_for(self, state):
-        """The update of ``state`` by one batch's moments, chosen by the state's type."""
-        if isinstance(state, PopulationAccumulator):
-            return functools.partial(
-                population.merge,
-                unbiased=self.running_var == "unbiased",
-                skip_nonfinite=self.skip_nonfinite,
-            )
-        return functools.partial(
-            averaging.update,
-            momentum=self.momentum,
-            averaging=self.averaging,
-            running_var=self.running_var,
-            skip_nonfinite=self.skip_nonfinite,
+            return (self.statistics, functools.partial(train_normalize, spec), *operands)
+        # The chunks are a vmap, under which a conditional would run every branch.
+        chunks = functools.partial(
+            ghost.ghost_normalize, spec, virtual_batch_size=self.virtual_batch_size
         )
+        return ("branchless", chunks, *operands)
 
     def _warn_if_one_element(self, x_shape, reduce_axes):
         """Warns when every (virtual) batch holds one element per feature: y equals bias."""
@@ -349,7 +306,7 @@ class BatchNorm:
                 f"{self.virtual_batch_size}): each is its own batch mean, so the output "
                 "equals bias",
                 OneElementWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
 
     def _as_seen(self, stat, x):

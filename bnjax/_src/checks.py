@@ -245,11 +245,11 @@ def check_update(state, moments) -> None:
     acc = jnp.result_type(moments.var)
     big = jnp.asarray(min(float(jnp.finfo(jnp.result_type(state.var)).max),
                           float(jnp.finfo(acc).max)), acc)  # fmt: skip
-    finite = jnp.isfinite(moments.mean) & jnp.isfinite(moments.scaled_var)
+    finite = moments.finite()
     overflow = finite & ((moments.var > big) | (jnp.abs(moments.mean) > big))
     # Without a mask each chunk's count is a scalar: stacked over virtual batches it is
     # (chunks,), which must pair with the chunk axis of the keep-dims moments.
-    count = jnp.asarray(moments.count)
+    count = jnp.asarray(moments.n)
     count = jnp.reshape(count, count.shape + (1,) * (moments.var.ndim - count.ndim))
     flagged = overflow & (count > 0)
     # A feature counts once, however many of its virtual batches overflow.

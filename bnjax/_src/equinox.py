@@ -91,11 +91,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
       skip_nonfinite: a batch with non-finite statistics leaves the state unchanged.
       checks: runtime checks of the inputs and statistics.
       statistics: how batch statistics are computed (every choice is exact).
-      renorm: batch renormalization; needs ``mode="batch"``.
-      renorm_rmax: the limit of ``r``.
-      renorm_dmax: the limit of ``|d|``.
-      renorm_ramp_start: batches before the limits start to grow.
-      renorm_ramp_steps: batches over which they grow.
+      renorm: batch renormalization (a :class:`bnjax.Renorm`); needs ``mode="batch"``.
       virtual_batch_size: must be None: the layer sees one example per call, never the
         batch to split into virtual batches.
 
@@ -131,11 +127,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
     skip_nonfinite: bool = eqx.field(static=True)
     checks: bool = eqx.field(static=True)
     statistics: str = eqx.field(static=True)
-    renorm: bool = eqx.field(static=True)
-    renorm_rmax: float = eqx.field(static=True)
-    renorm_dmax: float = eqx.field(static=True)
-    renorm_ramp_start: int = eqx.field(static=True)
-    renorm_ramp_steps: int = eqx.field(static=True)
+    renorm: Any = eqx.field(static=True)
 
     def __init__(
         self,
@@ -153,11 +145,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
         skip_nonfinite: bool = _CORE["skip_nonfinite"],
         checks: bool = _CORE["checks"],
         statistics: str = _CORE["statistics"],
-        renorm: bool = _CORE["renorm"],
-        renorm_rmax: float = _CORE["renorm_rmax"],
-        renorm_dmax: float = _CORE["renorm_dmax"],
-        renorm_ramp_start: int = _CORE["renorm_ramp_start"],
-        renorm_ramp_steps: int = _CORE["renorm_ramp_steps"],
+        renorm: Any = _CORE["renorm"],
         virtual_batch_size: int | None = _CORE["virtual_batch_size"],
     ):
         v.check_int("input_size", input_size, low=1, what="the number of channels")
@@ -166,7 +154,6 @@ class BatchNorm(eqx.nn.StatefulLayer):
         v.check_number("momentum", momentum, low=0.0, high=1.0)
         v.check_bool("inference", inference)
         v.check_choice("mode", mode, MODES)
-        v.check_bool("renorm", renorm)
         if mode == "legacy":
             warnings.warn(_LEGACY, UserWarning, stacklevel=2)
             mode = "ema"
@@ -188,10 +175,6 @@ class BatchNorm(eqx.nn.StatefulLayer):
         self.checks = checks
         self.statistics = statistics
         self.renorm = renorm
-        self.renorm_rmax = renorm_rmax
-        self.renorm_dmax = renorm_dmax
-        self.renorm_ramp_start = renorm_ramp_start
-        self.renorm_ramp_steps = renorm_ramp_steps
         self._core(self.dtype)  # validates bnjax's options now, not at the first call
         shape = (input_size,)
         self.weight = jnp.ones(shape, self.dtype) if channelwise_affine else None
@@ -224,7 +207,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
         """
         del key
         inference = self.inference if inference is None else inference
-        v.check_training("inference", inference)
+        v.check_static_bool("inference", inference)
         x = jnp.asarray(x)
         v.check_input(x)
         if x.ndim == 0 or x.shape[0] != self.input_size:
@@ -264,10 +247,6 @@ class BatchNorm(eqx.nn.StatefulLayer):
             param_dtype=self.dtype,
             checks=self.checks,
             renorm=self.renorm,
-            renorm_rmax=self.renorm_rmax,
-            renorm_dmax=self.renorm_dmax,
-            renorm_ramp_start=self.renorm_ramp_start,
-            renorm_ramp_steps=self.renorm_ramp_steps,
             statistics=self.statistics,
         )
 
@@ -308,9 +287,9 @@ def _check_options(mode: str, *, renorm, virtual_batch_size) -> None:
             "This layer sees one example per call (the batch is a vmapped axis), never the "
             "batch to split: vmap over each virtual batch with an axis_name of its own"
         )
-    if renorm and mode != "batch":
+    if renorm is not None and mode != "batch":
         raise ValueError(
-            f"renorm=True needs mode='batch'; got mode={mode!r}, which normalizes with the "
+            f"renorm={renorm!r} needs mode='batch'; got mode={mode!r}, which normalizes with the "
             "running statistics in training already"
         )
 

@@ -7,7 +7,7 @@ its ``apply``. This module holds that mapping.
 
 The batch count that bnjax's state carries is stored (``batch_stats/count``, an int32
 scalar) only when a setting reads it: ``averaging="debiased"`` or ``"cumulative"``,
-``renorm=True`` or ``checks=True``. With the default ``averaging="ema"`` the variables are
+``renorm`` or ``checks=True``. With the default ``averaging="ema"`` the variables are
 exactly Flax's. A count missing from the variables (Flax's own, say) counts as 0 batches for
 the running averages; the ``checks=True`` never-updated check fires only on a count of 0
 with statistics still at their init values, so loaded statistics pass.
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -30,28 +30,22 @@ from bnjax._src.batchnorm import BatchNorm, OneElementWarning
 from bnjax._src.moments import accumulation_dtype
 from bnjax._src.types import BatchNormParams, BatchNormState
 
-# bnjax's own options, offered by both wrappers under the core's names and defaults.
-EXTRA_OPTIONS = (
-    "averaging",
-    "running_var",
-    "skip_nonfinite",
-    "checks",
-    "renorm",
-    "renorm_rmax",
-    "renorm_dmax",
-    "renorm_ramp_start",
-    "renorm_ramp_steps",
-    "virtual_batch_size",
-    "statistics",
+# The core's fields that Flax's own arguments set; every other field of bnjax.BatchNorm is
+# one of bnjax's options, offered by the wrappers under the core's name and default.
+FROM_FLAX = (
+    "axis",
+    "momentum",
+    "epsilon",
+    "center",
+    "scale",
+    "axis_name",
+    "axis_index_groups",
+    "dtype",
+    "param_dtype",
+    "scale_init",
+    "bias_init",
 )
-
-
-class Stats(NamedTuple):
-    """Running statistics as stored by a wrapper; ``count`` is None when not stored."""
-
-    mean: jax.Array
-    var: jax.Array
-    count: jax.Array | None
+OPTIONS = {f.name: f.default for f in dataclasses.fields(BatchNorm) if f.name not in FROM_FLAX}
 
 
 def core_config(module, *, dtype=None, axis_name=None) -> BatchNorm:
@@ -59,7 +53,7 @@ def core_config(module, *, dtype=None, axis_name=None) -> BatchNorm:
 
     Args:
       module: a wrapper (linen or nnx) with Flax's attribute names and the options of
-        :data:`EXTRA_OPTIONS`.
+        :data:`OPTIONS`.
       dtype: the output dtype of this call, or None to keep the input's.
       axis_name: the named axis for the statistics (the module's, or None while
         initializing).
@@ -74,7 +68,7 @@ def core_config(module, *, dtype=None, axis_name=None) -> BatchNorm:
     v.check_bool("force_float32_reductions", getattr(module, "force_float32_reductions", True))
     v.check_bool("use_bias", module.use_bias)
     v.check_bool("use_scale", module.use_scale)
-    extra = {name: getattr(module, name) for name in EXTRA_OPTIONS}
+    extra = {name: getattr(module, name) for name in OPTIONS}
     return BatchNorm(
         axis=module.axis,
         momentum=module.momentum,
@@ -96,7 +90,7 @@ def check_module(module) -> BatchNorm:
 
 def needs_count(core: BatchNorm) -> bool:
     """Whether a setting reads ``state.count``, so the wrappers must store it."""
-    return core.averaging != "ema" or core.renorm or core.checks
+    return core.averaging != "ema" or core.renorm is not None or core.checks
 
 
 def promoted_dtype(*arrays) -> jnp.dtype:
@@ -112,12 +106,6 @@ def promoted_dtype(*arrays) -> jnp.dtype:
         if not jnp.issubdtype(dtype, jnp.inexact):
             dtype = jnp.promote_types(jnp.float32, dtype)
     return dtype
-
-
-def extra_defaults() -> dict[str, Any]:
-    """The core's defaults for :data:`EXTRA_OPTIONS`, for the wrappers' signatures."""
-    fields = {f.name: f.default for f in dataclasses.fields(BatchNorm)}
-    return {name: fields[name] for name in EXTRA_OPTIONS}
 
 
 def bool_mask(mask) -> jax.Array | None:
@@ -142,7 +130,7 @@ def bool_mask(mask) -> jax.Array | None:
         ) from None
 
 
-def run(core, scale, bias, stats: Stats, x, *, training, update_stats, mask):
+def run(core, scale, bias, stats: BatchNormState, x, *, training, update_stats, mask):
     """One call of the core on a wrapper's variables.
 
     The statistics are computed in at least float32 whatever dtype they are stored in;
@@ -151,7 +139,7 @@ def run(core, scale, bias, stats: Stats, x, *, training, update_stats, mask):
     Args:
       core: the :class:`bnjax.BatchNorm` of this call.
       scale, bias: the parameters, each of the feature shape, or None where disabled.
-      stats: the stored running statistics (count None when not stored).
+      stats: the stored running statistics (``count`` None when not stored).
       x: the input, any shape with the feature axes of ``core.axis``.
       training: normalize with batch statistics (True) or the running ones.
       update_stats: average this batch into the running statistics.
@@ -180,7 +168,7 @@ def run(core, scale, bias, stats: Stats, x, *, training, update_stats, mask):
     if not update_stats:
         return y, stats
     new = jax.lax.stop_gradient(new)
-    return y, Stats(
+    return y, BatchNormState(
         mean=new.mean.astype(stats.mean.dtype),
         var=new.var.astype(stats.var.dtype),
         count=None if stats.count is None else new.count.astype(stats.count.dtype),

@@ -6,7 +6,8 @@ statistics then take the chunks one after another, in order, exactly as if each 
 been its own training step: ``state.count`` grows by the number of chunks. Inference, and
 ``training=False, update_stats=True``, use the whole batch as usual.
 
-The chunks are a ``jax.vmap`` of the ordinary training pass over a ``(chunks, k, ...)``
+The chunks are a ``jax.vmap`` of the ordinary training pass (on the branchless statistics:
+under ``vmap`` a conditional would run every branch) over a ``(chunks, k, ...)``
 view of ``x``, so masks, batch renormalization, ``axis_name`` (chunk ``i`` of every device
 is combined) and the closed-form gradient all carry over unchanged; the running
 state takes the stacked chunk moments in order, with a ``lax.scan`` (:func:`in_order`).
@@ -51,41 +52,37 @@ def _chunked(a, n):
     return a.reshape((n, a.shape[0] // n) + a.shape[1:])
 
 
-def ghost_normalize(spec, x, affine, mask, running, limits, *, virtual_batch_size: int):
+def ghost_normalize(spec, x, params, mask, running, *, virtual_batch_size, statistics):
     """Normalizes every chunk of ``virtual_batch_size`` rows of ``x`` with its own statistics.
 
     Args:
-      spec, affine, running, limits: as for :func:`normalize.train_normalize`.
+      spec, params, running, statistics: as for ``normalize.train_normalize``.
       x: the input, batch on axis 0.
       mask: None, or a bool mask shaped by ``expand_mask`` (axis 0 of size 1 or the batch).
       virtual_batch_size: rows per chunk; must divide ``x.shape[0]``.
 
     Returns:
-      ``(y, moments)``: ``y`` of the shape of ``x``, and :class:`Moments` stacked over the
+      ``(y, moments)``: ``y`` of the shape of ``x``, and ``Moments`` stacked over the
       chunks (a leading axis of size ``x.shape[0] // virtual_batch_size``).
     """
     n = x.shape[0] // virtual_batch_size
     mask_axis = None if mask is None or mask.shape[0] == 1 else 0
     chunk_mask = mask if mask_axis is None else _chunked(mask, n)
 
-    # Under vmap a lax.cond runs both branches: the chunks take the branchless statistics.
-    spec = spec._replace(statistics="branchless")
-
     def one(xc, mc):
-        return train_normalize(spec, xc, affine, mc, running, limits)
+        return train_normalize(spec, xc, params, mc, running, statistics)
 
     y, moments = jax.vmap(one, in_axes=(0, mask_axis))(_chunked(x, n), chunk_mask)
     return y.reshape(x.shape), moments
 
 
-def in_order(update, state, moments):
-    """Applies ``update(state, chunk_moments)`` for one chunk after another.
+def in_order(state, moments, bn):
+    """``state`` with each chunk's moments folded in, one chunk after another.
 
     Args:
-      update: the update of ``state`` by one batch's :class:`Moments` (a running average
-        or a population accumulator).
-      state: the state before this call.
-      moments: :class:`Moments` with a leading chunk axis, from :func:`ghost_normalize`.
+      state: the state before this call (a ``BatchNormState`` or an accumulator).
+      moments: ``Moments`` with a leading chunk axis, from :func:`ghost_normalize`.
+      bn: the ``bnjax.BatchNorm`` whose settings the updates follow.
 
     Returns:
       The state after every chunk, as if each had been its own call.
@@ -94,7 +91,7 @@ def in_order(update, state, moments):
     state = jax.tree.map(lambda leaf: vary_like(leaf, moments.var), state)
 
     def step(carry, chunk):
-        return update(carry, chunk), None
+        return carry.fold(chunk, bn), None
 
     state, _ = lax.scan(step, state, moments)
     return state

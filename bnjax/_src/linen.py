@@ -17,15 +17,24 @@ except ImportError as e:
 from bnjax._src import flax_common as common
 from bnjax._src import marks
 from bnjax._src import validation as v
+from bnjax._src.types import BatchNormState
 
-_D = common.extra_defaults()
+# bnjax's options (``flax_common.OPTIONS``) as keyword-only fields, generated from the
+# core's own: after Flax's fields, so that the positional order stays Flax's.
+_Options = type(
+    "_Options",
+    (nn.Module,),
+    {"__annotations__": dict.fromkeys(common.OPTIONS, Any), **common.OPTIONS},
+    kw_only=True,
+)
 
 
-class BatchNorm(nn.Module):
+class BatchNorm(_Options):
     """Batch normalization with Flax linen's interface and variables, and bnjax's numerics.
 
     Accepts every attribute and call argument of ``flax.linen.BatchNorm`` with the same
-    meaning and default, plus bnjax's options. ``use_fast_variance`` and
+    meaning, default and positional order, plus bnjax's options, keyword-only, with the
+    names and defaults of :class:`bnjax.BatchNorm`. ``use_fast_variance`` and
     ``force_float32_reductions`` are accepted for compatibility and do not change the
     numbers: bnjax's variance is always the exact two-pass one (the fast
     ``E[x^2] - E[x]^2`` loses everything on data whose mean is large against its spread),
@@ -33,7 +42,7 @@ class BatchNorm(nn.Module):
     still stores ``batch_stats`` in ``param_dtype``, as Flax does.
 
     The batch count is stored as ``batch_stats/count`` only when a setting reads it
-    (``averaging="debiased"`` or ``"cumulative"``, ``renorm``, ``checks``). Variables
+    (``averaging="debiased"`` or ``"cumulative"``, ``renorm``, ``checks=True``). Variables
     without it (Flax's own) count as 0 batches: with ``"debiased"`` the next training
     batch replaces the stored statistics, with ``"cumulative"`` it starts a new mean. With
     ``checks=True``, inference on statistics without a count (or with a count of 0) reports
@@ -53,9 +62,8 @@ class BatchNorm(nn.Module):
         initializing, as in Flax).
       axis_index_groups: groups of ``axis_name`` indices.
       use_fast_variance, force_float32_reductions: accepted; see above.
-      averaging, running_var, skip_nonfinite, checks, renorm, renorm_rmax, renorm_dmax,
-        renorm_ramp_start, renorm_ramp_steps, virtual_batch_size, statistics: bnjax's
-        options; see :class:`bnjax.BatchNorm`.
+      averaging, running_var, skip_nonfinite, checks, renorm, virtual_batch_size,
+        statistics: bnjax's options (keyword-only); see :class:`bnjax.BatchNorm`.
 
     Example:
       >>> import jax, jax.numpy as jnp, bnjax.linen
@@ -81,18 +89,6 @@ class BatchNorm(nn.Module):
     axis_index_groups: Any = None
     use_fast_variance: bool = True
     force_float32_reductions: bool = True
-    averaging: str = _D["averaging"]
-    running_var: str = _D["running_var"]
-    skip_nonfinite: bool = _D["skip_nonfinite"]
-    checks: bool = _D["checks"]
-    renorm: bool = _D["renorm"]
-    renorm_rmax: float = _D["renorm_rmax"]
-    renorm_dmax: float = _D["renorm_dmax"]
-    renorm_ramp_start: int = _D["renorm_ramp_start"]
-    renorm_ramp_steps: int = _D["renorm_ramp_steps"]
-    virtual_batch_size: int | None = _D["virtual_batch_size"]
-    statistics: str = _D["statistics"]
-
     def __post_init__(self):
         common.check_module(self)
         super().__post_init__()
@@ -125,9 +121,9 @@ class BatchNorm(nn.Module):
         use_running_average = nn.merge_param(
             "use_running_average", self.use_running_average, use_running_average
         )
-        v.check_training("use_running_average", use_running_average)
+        v.check_static_bool("use_running_average", use_running_average)
         if update_stats is not None:
-            v.check_training("update_stats", update_stats)
+            v.check_static_bool("update_stats", update_stats)
         initializing = self.is_initializing()
         core = common.core_config(self)
         feat = core.feature_shape(jnp.shape(x))
@@ -148,7 +144,7 @@ class BatchNorm(nn.Module):
             dtype=out_dtype,
             axis_name=None if initializing else self.axis_name,
         )
-        stats = common.Stats(mean.value, var.value, None if count is None else count.value)
+        stats = BatchNormState(mean.value, var.value, None if count is None else count.value)
         # The module path names this call in bnjax.testing.audit's findings.
         with marks.label("/".join(self.scope.path) or type(self).__name__):
             y, new = common.run(

@@ -25,7 +25,6 @@ import jax
 from jax.extend import core as jex_core
 from jax.interpreters import ad, batching, mlir
 
-from bnjax._src.population import PopulationAccumulator
 
 mark_p = jex_core.Primitive("bnjax_mark")
 mark_p.multiple_results = True
@@ -91,8 +90,8 @@ def mark_call(y, state, *, call_id: int, training: bool, update_stats: bool, ste
       training: the call's ``training``.
       update_stats: whether the call updates its state.
       steps: the batches it folds into the state (the number of ghost chunks, else 1).
-        A ``PopulationAccumulator`` state (``accumulator=True`` in the mark) counts rows,
-        not batches.
+        A recalibration accumulator (``accumulator=True`` in the mark) has a
+        structure of its own.
 
     Returns:
       ``y``, unchanged.
@@ -118,5 +117,5 @@ def mark_update(state, *, call_id: int):
 
 def _bind(operands, state, **params):
     """The mark over ``operands``, labelled, and flagged when ``state`` is an accumulator."""
-    accumulator = isinstance(state, PopulationAccumulator)
+    accumulator = getattr(state, "accumulates", False)
     return mark_p.bind(*operands, label=_label.get(), accumulator=accumulator, **params)

@@ -18,28 +18,103 @@ Two ways to the same numbers, chosen by ``BatchNorm(statistics=...)``:
   (at most two bits lost to cancellation); otherwise the second exact pass runs around the
   plain mean, or both exact passes if the plain sums overflowed.
 
-``"auto"`` takes ``"checked"`` on CPU and ``"branchless"`` everywhere else, at lowering time
-(``lax.platform_dependent``): one jitted function exported for several platforms gets each
-its own program. Across devices the sums are combined with ``psum`` (counts and sums add
-exactly), so masks and uneven shards give the statistics of one device seeing the whole
-batch. ``benchmarks/NOTES.md`` has the measurements behind these choices.
+``"auto"`` is resolved by :func:`resolved`, the one place a path is chosen: run op by op,
+by the arrays' platform; traced, ``"checked"`` on CPU and ``"branchless"`` everywhere else,
+at lowering time (``lax.platform_dependent``), so one jitted function exported for several
+platforms gets each its own program. Across devices the sums are combined with ``psum``
+(counts and sums add exactly), so masks and uneven shards give the statistics of one
+device seeing the whole batch. ``benchmarks/NOTES.md`` has the measurements behind these
+choices.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax import custom_batching, lax
+from jax import lax
 
 from bnjax._src.reduction import Reduction
-from bnjax._src.types import Moments
 
 STATISTICS = ("auto", "checked", "branchless")
 
 # The checked path's condition: every feature has ``mean**2 <= FAST_RATIO * var``.
 FAST_RATIO = 4.0
+
+
+class Moments(NamedTuple):
+    """Batch statistics of one call, in keep-dims shape (size 1 on reduced axes).
+
+    Read them through :attr:`mean`, :attr:`var` and the methods; the fields are this
+    module's representation. The mean is kept as ``pivot + delta``: ``pivot`` is the
+    per-feature shift the sums were taken around and ``delta`` the batch mean's offset from
+    it, so ``(x - pivot) - delta`` stays exact on data whose mean is large compared with
+    its spread. The variance is kept in units of ``unit**2``, ``unit`` a power of two near
+    the spread: ``scaled_var`` is finite (and exact) even where the variance itself is
+    beyond float32's range (``|x|`` above about 1e19), so the batch still normalizes.
+
+    Attributes:
+      n: elements reduced per feature (after masking and across ``axis_name``).
+      pivot: per-feature shift of the sums, identical on the devices of ``axis_name``.
+      delta: mean minus pivot.
+      scaled_var: biased variance divided by ``unit**2``.
+      unit: per-feature power of two (1 for the plain sums).
+    """
+
+    n: jax.Array
+    pivot: jax.Array
+    delta: jax.Array
+    scaled_var: jax.Array
+    unit: jax.Array
+
+    @property
+    def mean(self) -> jax.Array:
+        return self.pivot + self.delta
+
+    @property
+    def var(self) -> jax.Array:
+        """The biased variance; infinite where it exceeds the dtype's range."""
+        return self.scaled_var * self.unit * self.unit
+
+    def offset_from(self, reference) -> jax.Array:
+        """``mean - reference`` without rounding the mean first, in the wider dtype."""
+        dtype = accumulation_dtype(self.pivot.dtype, reference.dtype)
+        return (self.pivot.astype(dtype) - reference.astype(dtype)) + self.delta.astype(dtype)
+
+    def rounded_shift(self):
+        """The mean rounded, and the residual ``(pivot + delta) - mean``.
+
+        Elementwise passes subtract the rounded mean (exact for elements near it) and move
+        the residual, a fraction of a rounding unit of the mean, into their per-feature
+        offsets, where it costs nothing per element and loses nothing on offset data.
+        """
+        mean = self.pivot + self.delta
+        return mean, (self.pivot - mean) + self.delta
+
+    def inverse_std(self, epsilon) -> jax.Array:
+        """``1 / sqrt(var + epsilon)``, computed in units of ``unit``: exact wherever the
+        variance itself overflows float32."""
+        inv_unit = 1 / self.unit
+        eps = jnp.asarray(epsilon, self.scaled_var.dtype) * inv_unit * inv_unit
+        return lax.rsqrt(self.scaled_var + eps) * inv_unit
+
+    def finite(self) -> jax.Array:
+        """Per feature: the statistics were computed (mean and scaled variance finite)."""
+        return jnp.isfinite(self.mean) & jnp.isfinite(self.scaled_var)
+
+    def or_running(self, mean, var) -> Moments:
+        """These moments, with the running ``mean``/``var`` for features that counted nothing."""
+        counted = self.n > 0
+        acc = self.pivot.dtype
+        return Moments(
+            n=self.n,
+            pivot=jnp.where(counted, self.pivot, mean.astype(acc)),
+            delta=jnp.where(counted, self.delta, 0),
+            scaled_var=jnp.where(counted, self.scaled_var, var.astype(acc)),
+            unit=jnp.where(counted, self.unit, 1),
+        )
 
 
 def accumulation_dtype(*dtypes) -> jnp.dtype:
@@ -51,46 +126,22 @@ def accumulation_dtype(*dtypes) -> jnp.dtype:
     return max((jnp.dtype(jnp.float32), *map(jnp.dtype, dtypes)), key=lambda d: d.itemsize)
 
 
-def batch_moments(x, red: Reduction, *, statistics: str = "auto") -> Moments:
-    """Mean and biased variance of ``x`` over ``red`` (axes, mask, named axis).
+def resolved(statistics: str, fn, *args):
+    """``fn(*args, statistics=path)``, ``path`` ``"checked"`` or ``"branchless"``.
 
-    Args:
-      x: the input, any float dtype; reduced in :func:`accumulation_dtype`.
-      red: the :class:`Reduction`.
-      statistics: ``"branchless"``, ``"checked"`` or ``"auto"`` (see the module docstring).
-
-    Returns:
-      :class:`Moments` in keep-dims shape. Features with no counted element get count 0,
-      pivot and delta 0 and variance 0.
+    The one place a statistics path is chosen. ``"auto"``: run op by op, the arrays'
+    platform decides (:func:`eager_choice`); traced, the platform the program is lowered
+    for (``lax.platform_dependent``: a program lowered for one platform holds only its
+    branch, so the GPU and TPU programs have no conditional).
     """
-    count = red.psum(red.local_count(x.shape, accumulation_dtype(x.dtype)))
-
-    def checked(x, count, mask):
-        return checked_moments(x, red._replace(mask=mask), count)
-
-    def branchless(x, count, mask):
-        return exact_moments(x, red._replace(mask=mask), count)
-
-    args = (x, count, red.mask)
-    return by_statistics(statistics, checked, branchless, args, named_axis=red.axis_name)
-
-
-def by_statistics(statistics, checked, branchless, args, *, named_axis=None):
-    """``checked(*args)`` or ``branchless(*args)``, as ``statistics`` says.
-
-    ``"auto"``: run op by op, the arrays' platform decides (:func:`eager_choice`); traced,
-    the platform the program is lowered for (``lax.platform_dependent``), and on CPU the
-    branchless function under ``jax.vmap`` (:func:`unless_vmapped`), unless a named axis
-    is in use.
-    """
-    if statistics == "auto":
-        statistics = eager_choice(args)
-    if statistics == "checked":
-        return checked(*args)
-    if statistics == "branchless":
-        return branchless(*args)
-    cpu = checked if named_axis is not None else unless_vmapped(checked, branchless)
-    return lax.platform_dependent(*args, cpu=cpu, default=branchless)
+    path = eager_choice(args) if statistics == "auto" else statistics
+    if path != "auto":
+        return fn(*args, statistics=path)
+    return lax.platform_dependent(
+        *args,
+        cpu=functools.partial(fn, statistics="checked"),
+        default=functools.partial(fn, statistics="branchless"),
+    )
 
 
 def eager_choice(arrays) -> str:
@@ -114,30 +165,26 @@ def is_concrete(*arrays) -> bool:
     return not any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(arrays))
 
 
-def unless_vmapped(fn, batched_fn):
-    """``fn``, except under ``jax.vmap``, where ``jax.vmap(batched_fn)`` runs instead.
+def batch_moments(x, red: Reduction, *, statistics: str = "auto") -> Moments:
+    """Mean and biased variance of ``x`` over ``red`` (axes, mask, named axis).
 
-    A ``lax.cond`` whose predicate is batched runs both branches: under ``vmap`` the checked
-    statistics cost the plain sums and the exact passes, the branchless ones only the
-    latter (benchmarks/RESULTS.md, the vmap ensemble). Not for functions that use a named
-    axis: the rule's own ``vmap`` cannot see the outer one's collectives.
+    Args:
+      x: the input, any float dtype; reduced in :func:`accumulation_dtype`.
+      red: the :class:`Reduction`.
+      statistics: ``"branchless"``, ``"checked"`` or ``"auto"`` (see the module docstring).
+
+    Returns:
+      :class:`Moments` in keep-dims shape. Features with no counted element get n 0,
+      pivot and delta 0 and variance 0.
     """
-    wrapped = custom_batching.custom_vmap(fn)
-
-    @wrapped.def_vmap
-    def _rule(axis_size, in_batched, *args):
-        in_axes = tuple(jax.tree.map(lambda b: 0 if b else None, in_batched))
-        out = jax.vmap(batched_fn, in_axes=in_axes, axis_size=axis_size)(*args)
-        return out, jax.tree.map(lambda _: True, out)
-
-    # ``custom_vmap`` has no derivative of its own; forward mode (``jax.hessian`` of the
-    # closed-form gradient) differentiates ``fn`` itself.
-    @jax.custom_jvp
-    def choose(*args):
-        return wrapped(*args)
-
-    choose.defjvp(lambda primals, tangents: jax.jvp(fn, primals, tangents))
-    return choose
+    if statistics == "auto":  # ``red``'s axes stay static: only its mask is an operand
+        with_mask = lambda x, m, statistics: batch_moments(  # noqa: E731
+            x, red._replace(mask=m), statistics=statistics
+        )
+        return resolved(statistics, with_mask, x, red.mask)
+    if statistics == "checked" and red.mask is None:
+        return checked_moments(x, red)
+    return exact_moments(x, red)
 
 
 def _first(a, axes):
@@ -155,8 +202,8 @@ def _first(a, axes):
     return a[index]
 
 
-def _private(x, acc, *per_feature):
-    """``x`` in ``acc`` and ``per_feature`` values, all behind one barrier, for one reduction.
+def barrier_copies(x, acc, *per_feature):
+    """``x`` in ``acc`` and ``per_feature`` values, all behind one optimization barrier.
 
     The conversion and the arithmetic a reduction does on the way (``x - pivot``) stay
     private to it: shared with another reduction (by common-subexpression elimination, of
@@ -169,31 +216,17 @@ def _private(x, acc, *per_feature):
     return (private[0].astype(acc), *private[1:])
 
 
-def centre_estimate(x, red: Reduction, local, count):
-    """Pass one, one read of ``x``: ``(pivot, bound)`` per feature.
-
-    ``pivot`` is the mean to a few rounding units of ``|mean - x0|`` (``x0`` the first
-    counted element, so offset data lose nothing here), ``bound >= max|x - pivot|`` over
-    the counted elements. ``local`` and ``count`` are this device's and the total counts.
-    """
-    acc = count.dtype
+def _shift_element(x, red: Reduction, acc):
+    """Per feature, the first counted element of ``x`` if it is finite, else 0."""
     x0 = _first(x, red.axes)
     if x0 is None:  # no element to be had cheaply: no shift
-        x0 = jnp.zeros(count.shape, acc)
-    else:
-        x0 = x0.astype(acc)
-        usable = jnp.isfinite(x0)
-        if red.mask is not None:
-            m0 = _first(red.mask, red.axes)
-            usable = usable & (False if m0 is None else m0)
-        x0 = jnp.where(usable, x0, 0)  # a masked-out (or NaN) first element is no shift
-    inv_n = 1 / jnp.maximum(count, 1)
-    xs, x0s, inv_ns = _private(x, acc, x0, inv_n)
-    (s,) = red.sums((xs - x0s) * inv_ns)
-    xm, x0m = _private(x, acc, x0)
-    far = red.maximum(jnp.abs(xm - x0m))
-    pivot = red.psum(s + x0 * (local * inv_n))
-    return pivot, red.pmax(far + jnp.abs(x0 - pivot))
+        return jnp.zeros((1,) * x.ndim, acc)
+    x0 = x0.astype(acc)
+    usable = jnp.isfinite(x0)
+    if red.mask is not None:
+        m0 = _first(red.mask, red.axes)
+        usable = usable & (False if m0 is None else m0)
+    return jnp.where(usable, x0, 0)  # a masked-out (or NaN) first element is no shift
 
 
 def power_of_two(bound):
@@ -209,45 +242,45 @@ def power_of_two(bound):
     return jnp.ldexp(one, e), jnp.ldexp(one, -e)
 
 
-def centred_moments(x, red: Reduction, count, pivot, bound) -> Moments:
+def centred_moments(x, red: Reduction, n, pivot, bound) -> Moments:
     """Pass two, one read of ``x``: the sums of ``u = (x - pivot) / unit`` and ``u**2``.
 
     The corrected two-pass formula ``m2 = sum(u**2) - sum(u)**2 / n`` loses nothing to
     cancellation because ``pivot`` is close to the mean (``sum(u)`` is tiny).
     """
-    acc = count.dtype
+    acc = n.dtype
     unit, inv_unit = power_of_two(bound)
-    x1, p1, i1 = _private(x, acc, pivot, inv_unit)
-    (x2,) = _private(x, acc)
+    x1, p1, i1 = barrier_copies(x, acc, pivot, inv_unit)
+    (x2,) = barrier_copies(x, acc)
     u1 = (x1 - p1) * i1
     u2 = (x2 - pivot) * inv_unit
     s1, s2 = red.psum(red.sums(u1, u2 * u2))
-    inv_n = 1 / jnp.maximum(count, 1)
+    inv_n = 1 / jnp.maximum(n, 1)
     delta_u = s1 * inv_n
     scaled_var = jnp.maximum(s2 - s1 * delta_u, 0) * inv_n
-    return Moments(count, pivot, delta_u * unit, scaled_var, unit)
+    return Moments(n, pivot, delta_u * unit, scaled_var, unit)
 
 
-def exact_moments(x, red: Reduction, count) -> Moments:
-    """The branchless statistics: :func:`centre_estimate`, then :func:`centred_moments`."""
-    local = red.local_count(x.shape, count.dtype)
-    pivot, bound = centre_estimate(x, red, local, count)
-    return centred_moments(x, red, count, pivot, bound)
+def exact_moments(x, red: Reduction) -> Moments:
+    """The branchless statistics, two reads of ``x``.
 
-
-def plain_moments(x, red: Reduction, count) -> tuple[Moments, Any]:
-    """Moments from ``sum(x)`` and ``sum(x**2)`` (returned too): two plain reductions.
-
-    Each reads ``x`` through its own barrier: shared, the float32 conversion of a bfloat16
-    ``x`` would be written to memory in full and read back.
+    Pass one: ``pivot``, the mean to a few rounding units of ``|mean - x0|`` (``x0`` the
+    first counted element, so offset data lose nothing), and ``bound >= max|x - pivot|``;
+    pass two: :func:`centred_moments` around ``pivot``.
     """
-    acc = count.dtype
-    (x1,), (x2, _) = _private(x, acc), _private(x, acc, count)
-    s1, s2 = red.psum(red.sums(x1, x2 * x2))
-    inv_n = 1 / jnp.maximum(count, 1)
-    mean = s1 * inv_n
-    var = s2 * inv_n - mean * mean
-    return Moments(count, mean, jnp.zeros_like(mean), var, jnp.ones_like(mean)), s2
+    acc = accumulation_dtype(x.dtype)
+    local = red.local_count(x.shape, acc)
+    n = red.psum(local)
+    x0 = _shift_element(x, red, acc)
+    inv_n = 1 / jnp.maximum(n, 1)
+    xs, x0s, inv_ns = barrier_copies(x, acc, x0, inv_n)
+    xm, x0m = barrier_copies(x, acc, x0)
+    masked = red.masked((xs - x0s) * inv_ns, jnp.abs(xm - x0m))
+    s = jnp.sum(masked[0], axis=red.axes, keepdims=True)
+    far = jnp.max(masked[1], axis=red.axes, keepdims=True)
+    pivot = red.psum(s + x0 * (local * inv_n))
+    bound = red.pmax(far + jnp.abs(x0 - pivot))
+    return centred_moments(x, red, n, pivot, bound)
 
 
 def well_conditioned(moments: Moments):
@@ -260,23 +293,30 @@ def well_conditioned(moments: Moments):
     return jnp.all((jnp.square(moments.mean) <= FAST_RATIO * var) & jnp.isfinite(var))
 
 
-def checked_moments(x, red: Reduction, count) -> Moments:
-    """The checked statistics: plain sums, then a ``lax.switch`` on their conditioning.
+def checked_moments(x, red: Reduction) -> Moments:
+    """The checked statistics (no mask): plain sums, then a ``lax.switch`` on them.
 
     Well conditioned: the plain moments. Otherwise, if the plain sums are finite, the
     second exact pass around the plain mean (``2 * sqrt(sum(x**2)) >= max|x - mean|``
-    bounds it); if they overflowed, both exact passes. With a mask, both exact passes
-    directly: a masked plain sum is no cheaper than the first exact pass.
+    bounds it); if they overflowed, both exact passes. Each plain sum reads ``x`` through
+    its own barrier: shared, the float32 conversion of a bfloat16 ``x`` would be written
+    to memory in full and read back.
     """
-    if red.mask is not None:
-        return exact_moments(x, red, count)
-    plain, s2 = plain_moments(x, red, count)
-    finite = jnp.all(jnp.isfinite(plain.mean) & jnp.isfinite(s2))
+    acc = accumulation_dtype(x.dtype)
+    n = red.psum(red.local_count(x.shape, acc))
+    (x1,), (x2, _) = barrier_copies(x, acc), barrier_copies(x, acc, n)
+    s1 = jnp.sum(x1, axis=red.axes, keepdims=True)
+    s2 = jnp.sum(x2 * x2, axis=red.axes, keepdims=True)
+    s1, s2 = red.psum((s1, s2))
+    inv_n = 1 / jnp.maximum(n, 1)
+    mean = s1 * inv_n
+    plain = Moments(n, mean, jnp.zeros_like(mean), s2 * inv_n - mean * mean, jnp.ones_like(mean))
+    finite = jnp.all(jnp.isfinite(mean) & jnp.isfinite(s2))
     branch = jnp.where(well_conditioned(plain), 0, jnp.where(finite, 1, 2))
     branches = [
         lambda: plain,
-        lambda: centred_moments(x, red, count, plain.mean, 2 * jnp.sqrt(s2)),
-        lambda: exact_moments(x, red, count),
+        lambda: centred_moments(x, red, n, mean, 2 * jnp.sqrt(s2)),
+        lambda: exact_moments(x, red),
     ]
     if is_concrete(branch):  # run op by op: no conditional to compile at every call
         return branches[int(branch)]()

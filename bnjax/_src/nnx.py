@@ -19,8 +19,8 @@ except ImportError as e:
 
 from bnjax._src import flax_common as common
 from bnjax._src import validation as v
+from bnjax._src.types import BatchNormState
 
-_D = common.extra_defaults()
 _ZEROS = initializers.zeros_init()
 _ONES = initializers.ones_init()
 
@@ -34,7 +34,8 @@ class BatchNorm(nnx.Module):
     """Batch normalization with Flax NNX's interface and variables, and bnjax's numerics.
 
     Accepts every constructor and call argument of ``flax.nnx.BatchNorm`` with the same
-    meaning and default, plus bnjax's options. ``use_fast_variance`` is accepted for
+    meaning and default, plus bnjax's options as keywords (``**options``), with the names
+    and defaults of :class:`bnjax.BatchNorm`; each is kept as an attribute. ``use_fast_variance`` is accepted for
     compatibility and does not change the numbers: bnjax's variance is always the exact
     two-pass one, and statistics are always reduced in at least float32.
 
@@ -65,12 +66,13 @@ class BatchNorm(nnx.Module):
         running statistics are read and updated in their stored dtype.
       rngs: an ``nnx.Rngs``; ``rngs.params()`` feeds the initializers.
       bias_metadata, scale_metadata: metadata of the ``nnx.Param`` variables.
-      averaging, running_var, skip_nonfinite, checks, renorm, renorm_rmax, renorm_dmax,
-        renorm_ramp_start, renorm_ramp_steps, virtual_batch_size, statistics: bnjax's
-        options; see :class:`bnjax.BatchNorm`.
+      **options: bnjax's options, any of ``averaging``, ``running_var``,
+        ``skip_nonfinite``, ``checks``, ``renorm``, ``virtual_batch_size`` and
+        ``statistics``; see :class:`bnjax.BatchNorm`.
 
     Raises:
-      TypeError, ValueError: an argument is invalid; the message names it.
+      TypeError, ValueError: an argument is invalid, or an option is not bnjax's; the
+        message names it.
 
     Example:
       >>> import jax.numpy as jnp, bnjax.nnx
@@ -102,17 +104,7 @@ class BatchNorm(nnx.Module):
         rngs: nnx.Rngs,
         bias_metadata: Mapping[str, Any] = MappingProxyType({}),
         scale_metadata: Mapping[str, Any] = MappingProxyType({}),
-        averaging: str = _D["averaging"],
-        running_var: str = _D["running_var"],
-        skip_nonfinite: bool = _D["skip_nonfinite"],
-        checks: bool = _D["checks"],
-        renorm: bool = _D["renorm"],
-        renorm_rmax: float = _D["renorm_rmax"],
-        renorm_dmax: float = _D["renorm_dmax"],
-        renorm_ramp_start: int = _D["renorm_ramp_start"],
-        renorm_ramp_steps: int = _D["renorm_ramp_steps"],
-        virtual_batch_size: int | None = _D["virtual_batch_size"],
-        statistics: str = _D["statistics"],
+        **options: Any,
     ):
         self.num_features = num_features
         self.use_running_average = use_running_average
@@ -127,17 +119,13 @@ class BatchNorm(nnx.Module):
         self.axis_index_groups = axis_index_groups
         self.use_fast_variance = use_fast_variance
         self.promote_dtype = promote_dtype
-        self.averaging = averaging
-        self.running_var = running_var
-        self.skip_nonfinite = skip_nonfinite
-        self.checks = checks
-        self.renorm = renorm
-        self.renorm_rmax = renorm_rmax
-        self.renorm_dmax = renorm_dmax
-        self.renorm_ramp_start = renorm_ramp_start
-        self.renorm_ramp_steps = renorm_ramp_steps
-        self.virtual_batch_size = virtual_batch_size
-        self.statistics = statistics
+        for name, default in common.OPTIONS.items():
+            setattr(self, name, options.pop(name, default))
+        if options:
+            raise TypeError(
+                f"BatchNorm got unexpected keyword argument(s) {sorted(options)}; expected "
+                f"Flax's arguments or bnjax's options {list(common.OPTIONS)}"
+            )
         core = common.check_module(self)
         shape = _feature_shape(num_features)
         self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
@@ -177,13 +165,13 @@ class BatchNorm(nnx.Module):
             use_running_average = self.use_running_average
         if use_running_average is None:
             raise ValueError(_NO_MODE)
-        v.check_training("use_running_average", use_running_average)
+        v.check_static_bool("use_running_average", use_running_average)
         training = not use_running_average
         update = training if update_stats is None else update_stats
-        v.check_training("update_stats", update)
+        v.check_static_bool("update_stats", update)
         scale = self.scale[...] if self.scale is not None else None
         bias = self.bias[...] if self.bias is not None else None
-        stats = common.Stats(
+        stats = BatchNormState(
             self.mean[...], self.var[...], None if self.count is None else self.count[...]
         )
         with jax.numpy_dtype_promotion("standard"):  # Flax's promotion, also in strict mode

@@ -18,15 +18,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from bnjax._src import renorm
-from bnjax._src.moments import (
-    accumulation_dtype,
-    batch_moments,
-    by_statistics,
-    is_concrete,
-    well_conditioned,
-)
+from bnjax._src.moments import accumulation_dtype, batch_moments, is_concrete, well_conditioned
 from bnjax._src.reduction import Reduction
-from bnjax._src.types import Affine, Running
+from bnjax._src.types import BatchNormParams
 
 
 class Spec(NamedTuple):
@@ -37,15 +31,16 @@ class Spec(NamedTuple):
     axis_name: object
     axis_index_groups: object
     out_dtype: object
-    statistics: str = "auto"  # ``BatchNorm.statistics``: see ``moments.py``
+    renorm: object = None  # a ``bnjax.Renorm``, or None
 
     def reduction(self, mask) -> Reduction:
-        """The :class:`moments.Reduction` of this normalization for ``mask``."""
+        """The :class:`Reduction` of this normalization for ``mask``."""
         return Reduction(self.reduce_axes, mask, self.axis_name, self.axis_index_groups)
 
 
-def per_feature(*vectors):
-    """``vectors`` (same shape and dtype, or None) computed once, before any elementwise pass.
+def stacked_behind_barrier(*vectors):
+    """``vectors`` (same shape and dtype, or None) computed once, behind one optimization
+    barrier, before any elementwise pass.
 
     XLA fuses cheap per-feature arithmetic (``scale * inv``, ``bias - mean * a``) into the
     full-size pass that consumes it, repeating it for every element; on a pass bound by
@@ -59,40 +54,27 @@ def per_feature(*vectors):
     return tuple(None if v is None else next(rows) for v in vectors)
 
 
-def rounded_shift(pivot, delta):
-    """The mean ``pivot + delta`` rounded, and the residual ``(pivot + delta) - mean``.
+def affine_pass(x, shift, residual, a, b, out_dtype):
+    """``((x - shift) - residual) * a + b`` in the accumulation dtype, cast to ``out_dtype``.
 
-    The elementwise passes subtract the rounded mean (exact for elements near it) and move
-    the residual, a fraction of a rounding unit of the mean, into their per-feature
-    offsets, where it costs nothing per element and loses nothing on offset data.
-    """
-    mean = pivot + delta
-    return mean, (pivot - mean) + delta
-
-
-def affine_pass(x, shift, delta, a, b, out_dtype):
-    """``((x - shift) - delta) * a + b`` in the accumulation dtype, cast to ``out_dtype``.
-
-    ``shift``, ``delta``, ``a`` and ``b`` are per-feature, in keep-dims shape and in the
-    dtype of ``a``; ``delta`` and ``b`` may be None. For an input as precise as the
-    arithmetic (float32 in float32) this is ``(x - mean) * a + (b - residual * a)`` with
-    the rounded mean of :func:`rounded_shift`: the subtraction comes first, so an element
-    equal to the mean gives exactly ``b`` (a one-element batch returns the bias) and
-    offset data lose nothing to cancellation. A coarser input (bfloat16, float16) is
-    computed as ``x * a + (b - (shift + delta) * a)``, one multiply-add per element: the
-    cancellation costs float32 rounding of ``|mean| / std``, 2**-16 of what the input's
-    own rounding already carries, and the pass runs at the speed of a plain affine.
+    ``shift``, ``residual``, ``a`` and ``b`` are per-feature, in keep-dims shape and in the
+    dtype of ``a``; ``residual`` and ``b`` may be None. For an input as precise as the
+    arithmetic (float32 in float32) this is ``(x - shift) * a + (b - residual * a)``: the
+    subtraction comes first, so an element equal to the mean gives exactly ``b`` (a
+    one-element batch returns the bias) and offset data lose nothing to cancellation. A
+    coarser input (bfloat16, float16) is computed as ``x * a + (b - shift * a)``, one
+    multiply-add per element: the cancellation costs float32 rounding of ``|mean| / std``,
+    2**-16 of what the input's own rounding already carries, and the pass runs at the
+    speed of a plain affine.
     """
     acc = a.dtype
     offset = jnp.zeros_like(a) if b is None else b
     if jnp.dtype(x.dtype).itemsize < jnp.dtype(acc).itemsize:
-        mean = shift if delta is None else shift + delta
-        a, offset = per_feature(a, offset - mean * a)
+        a, offset = stacked_behind_barrier(a, offset - shift * a)
         return (x.astype(acc) * a + offset).astype(out_dtype)
-    if delta is not None:
-        shift, residual = rounded_shift(shift, delta)
+    if residual is not None:
         offset = offset - residual * a
-    shift, a, offset = per_feature(shift, a, offset)
+    shift, a, offset = stacked_behind_barrier(shift, a, offset)
     return ((x.astype(acc) - shift) * a + offset).astype(out_dtype)
 
 
@@ -101,145 +83,119 @@ def multiplier(scale, inv, acc):
     return inv if scale is None else inv * scale.astype(acc)
 
 
-def inverse_std(mom, epsilon):
-    """Per-feature ``1 / sqrt(var + epsilon)``, computed in the moments' units.
-
-    ``rsqrt(scaled_var + epsilon / unit**2) / unit`` is exact wherever the variance itself
-    overflows float32.
-    """
-    inv_unit = 1 / mom.unit
-    eps = jnp.asarray(epsilon, mom.scaled_var.dtype) * inv_unit * inv_unit
-    return lax.rsqrt(mom.scaled_var + eps) * inv_unit
-
-
-def _forward(spec: Spec, x, affine: Affine, mask, running: Running, limits=None):
-    acc = accumulation_dtype(x.dtype)
-    mom = batch_moments(x, spec.reduction(mask), statistics=spec.statistics)
-    # A feature with nothing counted has no batch statistics: it uses the running ones.
-    counted = mom.count > 0
-    mom = mom._replace(
-        pivot=jnp.where(counted, mom.pivot, running.mean.astype(acc)),
-        delta=jnp.where(counted, mom.delta, 0),
-        scaled_var=jnp.where(counted, mom.scaled_var, running.var.astype(acc)),
-        unit=jnp.where(counted, mom.unit, 1),
-    )
-    inv = inverse_std(mom, spec.epsilon)
-    keep = running.mean.shape
-    affine = Affine(*(None if p is None else jnp.reshape(p, keep) for p in affine))
-    corrections = None
-    if limits is not None:  # batch renormalization: corrected per-feature coefficients
-        corrections = renorm.corrections(mom, running, spec.epsilon, limits)
-        affine = renorm.corrected_affine(affine, *corrections)
-    scale, bias = affine
-    b = None if bias is None else bias.astype(acc)
-    y = affine_pass(x, mom.pivot, mom.delta, multiplier(scale, inv, acc), b, spec.out_dtype)
-    return y, mom, inv, corrections
+def _coefficients(spec: Spec, mom, params: BatchNormParams, running):
+    """Per-feature ``(inv, params, corrections)``: ``params`` in keep-dims shape, corrected
+    by batch renormalization's ``(r, d)`` when ``spec.renorm`` is set (else None)."""
+    inv = mom.inverse_std(spec.epsilon)
+    keep = inv.shape
+    params = BatchNormParams(*(None if p is None else jnp.reshape(p, keep) for p in params))
+    if spec.renorm is None:
+        return inv, params, None
+    limits = spec.renorm.limits(running.count, inv.dtype)
+    r_d = renorm.corrections(mom, running, spec.epsilon, limits)
+    return inv, renorm.corrected(params, *r_d), r_d
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def train_normalize(spec: Spec, x, affine: Affine, mask, running: Running, limits=None):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 5))
+def train_normalize(spec: Spec, x, params, mask, running, statistics="branchless"):
     """Normalizes ``x`` with its own batch statistics.
 
     Args:
       spec: static settings.
       x: the input.
-      affine: the per-feature :class:`Affine` parameters in feature shape (either None).
+      params: the ``BatchNormParams`` in feature shape (either may be None).
       mask: None or a bool mask shaped by ``expand_mask``.
-      running: the :class:`Running` statistics in keep-dims shape; they serve features with
-        no counted element and batch renormalization, and get no gradient.
-      limits: None, or ``(rmax, dmax)`` scalars for batch renormalization (``renorm.py``):
-        the output becomes ``xhat * (r * scale) + (d * scale + bias)``, ``r`` and ``d``
-        without gradient.
+      running: the running ``BatchNormState`` in keep-dims shape; its statistics serve
+        features with no counted element and batch renormalization (``spec.renorm``,
+        whose limits follow its ``count``: the output becomes ``xhat * (r * scale) +
+        (d * scale + bias)``, ``r`` and ``d`` without gradient); they get no gradient.
+      statistics: ``"checked"`` or ``"branchless"`` (resolved by ``moments.resolved``).
 
     Returns:
-      ``(y, moments)``: the output in ``spec.out_dtype`` and the batch :class:`Moments`.
+      ``(y, moments)``: the output in ``spec.out_dtype`` and the batch ``Moments``.
       The moments are statistics for the running average and carry no gradient.
     """
-    y, mom, _, _ = _forward(spec, x, affine, mask, running, limits)
-    return y, mom
+    red = spec.reduction(mask)
+    mom = batch_moments(x, red, statistics=statistics).or_running(running.mean, running.var)
+    inv, (scale, bias), _ = _coefficients(spec, mom, params, running)
+    acc = inv.dtype
+    shift, residual = mom.rounded_shift()
+    b = None if bias is None else bias.astype(acc)
+    return affine_pass(x, shift, residual, multiplier(scale, inv, acc), b, spec.out_dtype), mom
 
 
-def _train_fwd(spec, x, affine, mask, running, limits=None):
-    y, mom, inv, corrections = _forward(spec, x, affine, mask, running, limits)
-    return (y, mom), (x, affine, mask, mom, inv, corrections)
+def _train_fwd(spec, x, params, mask, running, statistics):
+    y, mom = train_normalize.fun(spec, x, params, mask, running, statistics)
+    return (y, mom), (x, params, mask, mom, running)
 
 
-def _sum_g_xhat(spec, x, g, mask, *, mom, inv, g_sum):
+def _sum_g_xhat(spec, statistics, x, g, mask, *, mom, inv, g_sum):
     """``sum(g * xhat)`` per feature, ``xhat = ((x - pivot) - delta) * inv``: the backward's
-    one reduction of ``x`` (see :func:`centred_sum` and :func:`plain_sum`); ``g_sum`` is
-    ``sum(g)``, which the plain form needs."""
-
-    def checked(x, g, mom, inv, g_sum):
-        pick = well_conditioned(mom)
-        plain = lambda: plain_sum(spec, x, g, mom, inv, g_sum)  # noqa: E731
-        centred = lambda: centred_sum(spec, x, g, None, mom, inv)  # noqa: E731
-        if is_concrete(pick):  # run op by op: no conditional to compile at every call
-            return plain() if pick else centred()
-        return lax.cond(pick, plain, centred)
-
-    def centred(x, g, mom, inv, g_sum):
-        return centred_sum(spec, x, g, None, mom, inv)
-
-    if mask is not None:  # a masked plain sum is no cheaper: the centred form
-        return centred_sum(spec, x, g, mask, mom, inv)
-    args = (x, g, mom, inv, g_sum)
-    return by_statistics(spec.statistics, checked, centred, args, named_axis=spec.axis_name)
-
-
-def centred_sum(spec, x, g, mask, mom, inv):
-    """``sum(g * xhat)`` with ``xhat`` formed per element: exact on any data, no overflow."""
+    one reduction of ``x``. The checked statistics take the plain form where the moments
+    are well conditioned (cheaper on XLA:CPU, and needing ``g_sum = sum(g)``), the
+    centred form otherwise."""
     acc = accumulation_dtype(x.dtype)
-    # Private copies of the inputs and shifts: sharing ``xhat`` (or, for bfloat16, the
-    # float32 conversions of ``x`` and ``g``) with ``g_sum`` and ``dx`` would make XLA:CPU
-    # write it to memory and read it back.
-    xb, gb, pivot, delta = lax.optimization_barrier((x, g, mom.pivot, mom.delta))
-    gb = gb.astype(acc)
-    gxc = gb * (((xb.astype(acc) - pivot) - delta) * inv)
-    if mask is not None:
-        # An output with a zero cotangent adds nothing, even where it is NaN: a
-        # masked-out NaN or Inf input (padding) must not turn ``0 * NaN`` into NaN
-        # gradients for all. Only masked-out inputs can be NaN under finite statistics,
-        # and the select costs a full-size temporary on XLA:CPU, so it is skipped
-        # without a mask.
-        gxc = jnp.where(gb == 0, 0, gxc)
-    return jnp.sum(gxc, axis=spec.reduce_axes, keepdims=True)
+    axes = spec.reduce_axes
+
+    def centred():
+        # Private copies of the inputs and shifts: sharing ``xhat`` (or, for bfloat16,
+        # the float32 conversions of ``x`` and ``g``) with ``g_sum`` and ``dx`` would make
+        # XLA:CPU write it to memory and read it back.
+        xb, gb, pivot, delta = lax.optimization_barrier((x, g, mom.pivot, mom.delta))
+        gb = gb.astype(acc)
+        gxc = gb * (((xb.astype(acc) - pivot) - delta) * inv)
+        if mask is not None:
+            # An output with a zero cotangent adds nothing, even where it is NaN: a
+            # masked-out NaN or Inf input (padding) must not turn ``0 * NaN`` into NaN
+            # gradients for all. The select costs a full-size temporary on XLA:CPU, so it
+            # is skipped without a mask.
+            gxc = jnp.where(gb == 0, 0, gxc)
+        return jnp.sum(gxc, axis=axes, keepdims=True)
+
+    def plain():
+        # ``(sum(g * x) - mean * sum(g)) * inv``: for well-conditioned moments the
+        # difference loses at most a bit or two.
+        xb, gb = lax.optimization_barrier((x, g))
+        gx = jnp.sum(gb.astype(acc) * xb.astype(acc), axis=axes, keepdims=True)
+        return (gx - mom.mean * g_sum) * inv
+
+    if statistics == "branchless" or mask is not None:
+        return centred()
+    pick = well_conditioned(mom)
+    if is_concrete(pick):  # run op by op: no conditional to compile at every call
+        return plain() if pick else centred()
+    return lax.cond(pick, plain, centred)
 
 
-def plain_sum(spec, x, g, mom, inv, g_sum):
-    """``(sum(g * x) - mean * sum(g)) * inv``: safe for well-conditioned moments, where the
-    difference loses at most a bit or two, and cheaper on XLA:CPU (no shift inside)."""
-    acc = accumulation_dtype(x.dtype)
-    xb, gb = lax.optimization_barrier((x, g))
-    gx = jnp.sum(gb.astype(acc) * xb.astype(acc), axis=spec.reduce_axes, keepdims=True)
-    return (gx - mom.mean * g_sum) * inv
-
-
-def _train_bwd(spec, res, cotangents):
-    x, (scale, bias), mask, mom, inv, corrections = res
+def _train_bwd(spec, statistics, res, cotangents):
+    x, params, mask, mom, running = res
     g = cotangents[0]
     acc = accumulation_dtype(x.dtype)
     axes = spec.reduce_axes
-    g = g.astype(acc)
-    g_sum = jnp.sum(lax.optimization_barrier(cotangents[0]).astype(acc), axis=axes, keepdims=True)
-    gx_sum = _sum_g_xhat(spec, x, cotangents[0], mask, mom=mom, inv=inv, g_sum=g_sum)
-    r, d = (None, None) if corrections is None else corrections
+    inv, _, r_d = _coefficients(spec, mom, params, running)
+    g_sum = jnp.sum(lax.optimization_barrier(g).astype(acc), axis=axes, keepdims=True)
+    gx_sum = _sum_g_xhat(spec, statistics, x, g, mask, mom=mom, inv=inv, g_sum=g_sum)
+    r, d = (None, None) if r_d is None else r_d
+    scale, bias = params
     scale_sum = gx_sum if r is None else gx_sum * r + g_sum * d
     d_scale = None if scale is None else jnp.reshape(scale_sum, scale.shape).astype(scale.dtype)
     d_bias = None if bias is None else jnp.reshape(g_sum, bias.shape).astype(bias.dtype)
     if spec.axis_name is not None:
         g_sum, gx_sum = spec.reduction(None).psum((g_sum, gx_sum))
-    safe = jnp.maximum(mom.count, 1)
+    safe = jnp.maximum(mom.n, 1)
     k = inv if scale is None else inv * jnp.reshape(scale, inv.shape).astype(acc)
     if r is not None:
         k = k * r
     slope = inv * (gx_sum / safe)
-    shift, residual = rounded_shift(mom.pivot, mom.delta)
-    k, mean_g, slope, shift = per_feature(k, g_sum / safe - residual * slope, slope, shift)
+    shift, residual = mom.rounded_shift()
+    k, mean_g, slope, shift = stacked_behind_barrier(
+        k, g_sum / safe - residual * slope, slope, shift
+    )
     through_stats = mean_g + (x.astype(acc) - shift) * slope
     if mask is not None:
         through_stats = jnp.where(mask, through_stats, 0)
-    dx = (k * (g - through_stats)).astype(x.dtype)
-    return dx, Affine(d_scale, d_bias), None, None, None
+    dx = (k * (g.astype(acc) - through_stats)).astype(x.dtype)
+    return dx, BatchNormParams(d_scale, d_bias), None, None
 
 
 train_normalize.defvjp(_train_fwd, _train_bwd)

@@ -14,42 +14,61 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from bnjax._src.types import BatchNormState, Moments, all_or_nothing
+from bnjax._src.averaging import all_or_nothing
+from bnjax._src.moments import Moments
+from bnjax._src.types import BatchNormState
 
 
 class PopulationAccumulator(NamedTuple):
     """Exact moments of everything a layer saw, in feature shape.
 
-    The mean is held as ``pivot + delta`` (``pivot`` the first batch's shift, fixed
+    The mean is held as ``pivot + delta`` (``pivot`` the first batch's mean, fixed
     afterwards), so merging many batches of offset data rounds it once, at the end, not
     at every batch.
 
-    ``BatchNorm.apply`` takes one in place of a ``BatchNormState``: it normalizes as with
-    ``state`` and merges the batch's moments into the accumulator instead of averaging them.
+    ``BatchNorm.apply`` takes one in place of a ``BatchNormState``, through the same two
+    members: it normalizes as with :attr:`running` and :meth:`fold` merges the batch's
+    moments in instead of averaging them.
 
     Attributes:
       state: the ``BatchNormState`` being recalibrated (used to normalize when
         ``training=False``, and kept for a layer that sees no data).
-      count: elements seen, per feature (float).
+      n: elements seen, per feature (float).
       pivot: the per-feature shift of the accumulated mean.
       delta: the accumulated mean minus ``pivot``.
       m2: the sum of squared deviations from the mean.
-      batches: int32 scalar, batches merged.
+      count: int32 scalar, batches merged.
       ddof: float scalar, 1 for ``running_var="unbiased"`` else 0 (set by :func:`merge`).
     """
 
     state: BatchNormState
-    count: jax.Array
+    n: jax.Array
     pivot: jax.Array
     delta: jax.Array
     m2: jax.Array
-    batches: jax.Array
+    count: jax.Array
     ddof: jax.Array
+
+    accumulates = True  # marks.py: its count is of merged batches, its leaves not a state's
 
     @property
     def mean(self) -> jax.Array:
         """The accumulated mean, ``pivot + delta``."""
         return self.pivot + self.delta
+
+    @property
+    def running(self) -> BatchNormState:
+        """The statistics to normalize with in inference: the state being recalibrated."""
+        return self.state
+
+    def fold(self, moments: Moments, bn) -> PopulationAccumulator:
+        """This accumulator with one batch's ``moments`` merged in (:func:`merge`)."""
+        return merge(
+            self,
+            moments,
+            unbiased=bn.running_var == "unbiased",
+            skip_nonfinite=bn.skip_nonfinite,
+        )
 
 
 def start(state: BatchNormState) -> PopulationAccumulator:
@@ -57,11 +76,11 @@ def start(state: BatchNormState) -> PopulationAccumulator:
     zeros = jnp.zeros_like(state.mean)
     return PopulationAccumulator(
         state=state,
-        count=zeros,
+        n=zeros,
         pivot=zeros,
         delta=zeros,
         m2=zeros,
-        batches=jnp.zeros((), jnp.int32),
+        count=jnp.zeros((), jnp.int32),
         ddof=jnp.zeros((), state.mean.dtype),
     )
 
@@ -73,20 +92,20 @@ def finish(population: PopulationAccumulator) -> BatchNormState:
     needs two), and a layer that merged no batch, keep their original statistics.
     """
     old = population.state
-    seen = population.count > population.ddof
-    var = population.m2 / jnp.maximum(population.count - population.ddof, 1)
+    seen = population.n > population.ddof
+    var = population.m2 / jnp.maximum(population.n - population.ddof, 1)
     new = BatchNormState(
         mean=jnp.where(seen, population.mean, old.mean),
         var=jnp.where(seen, var, old.var),
-        count=population.batches,
+        count=population.count,
     )
-    return all_or_nothing(population.batches > 0, new, old)
+    return all_or_nothing(population.count > 0, new, old)
 
 
 def merge(
     population: PopulationAccumulator, moments: Moments, *, unbiased: bool, skip_nonfinite: bool
 ) -> PopulationAccumulator:
-    """Chan's formula: ``population`` with one batch's (count, mean, variance) merged in.
+    """Chan's formula: ``population`` with one batch's (n, mean, variance) merged in.
 
     Args:
       population: the accumulator so far.
@@ -96,26 +115,26 @@ def merge(
 
     Returns:
       The new accumulator. A feature that counted nothing in this batch is unchanged (its
-      count adds 0); a batch in which no feature counted anything is not merged.
+      n adds 0); a batch in which no feature counted anything is not merged.
     """
     old = population._replace(ddof=jnp.asarray(1.0 if unbiased else 0.0, population.ddof.dtype))
     shape, dtype = old.delta.shape, old.delta.dtype
-    nb = jnp.broadcast_to(moments.count, moments.var.shape).reshape(shape).astype(dtype)
+    nb = jnp.broadcast_to(moments.n, moments.var.shape).reshape(shape).astype(dtype)
     has_data = nb > 0  # a feature without data adds nothing, whatever its moments hold
-    batch_pivot = moments.pivot.reshape(shape).astype(dtype)
-    pivot = jnp.where((old.count > 0) | ~has_data, old.pivot, batch_pivot)
+    batch_mean = moments.mean.reshape(shape).astype(dtype)
+    pivot = jnp.where((old.n > 0) | ~has_data, old.pivot, batch_mean)
     # Batch mean minus accumulated mean, without ever forming either mean.
-    offset = ((batch_pivot - pivot) + moments.delta.reshape(shape).astype(dtype)) - old.delta
-    offset = jnp.where(has_data, offset, 0)
-    n = old.count + nb
+    offset = moments.offset_from(pivot.reshape(moments.mean.shape)).reshape(shape)
+    offset = jnp.where(has_data, offset.astype(dtype) - old.delta, 0)
+    n = old.n + nb
     w = nb / jnp.maximum(n, 1)
     m2b = jnp.where(has_data, moments.var.reshape(shape).astype(dtype) * nb, 0)
     new = old._replace(
-        count=n,
+        n=n,
         pivot=pivot,
         delta=old.delta + offset * w,
-        m2=old.m2 + m2b + offset * offset * old.count * w,
-        batches=old.batches + 1,
+        m2=old.m2 + m2b + offset * offset * old.n * w,
+        count=old.count + 1,
     )
     ok = jnp.any(has_data)
     if skip_nonfinite:

@@ -110,11 +110,15 @@ class Reduction(NamedTuple):
     axis_name: Hashable | None = None
     groups: Any = None
 
+    def masked(self, *values):
+        """``values`` with the masked-out elements set to 0."""
+        if self.mask is None:
+            return values
+        return tuple(jnp.where(self.mask, v, 0) for v in values)
+
     def sums(self, *values):
         """Per-feature sums (keep-dims) of ``values`` over the axes, masked; local only."""
-        if self.mask is not None:
-            values = [jnp.where(self.mask, v, 0) for v in values]
-        return tuple(jnp.sum(v, axis=self.axes, keepdims=True) for v in values)
+        return tuple(jnp.sum(v, axis=self.axes, keepdims=True) for v in self.masked(*values))
 
     def psum(self, values):
         """``values`` summed over ``axis_name`` (unchanged without one)."""
@@ -141,12 +145,6 @@ class Reduction(NamedTuple):
                 "('group', 'member')) and use the inner one as axis_name, without "
                 f"axis_index_groups. ({type(e).__name__}: {str(e) or 'no message'})"
             ) from e
-
-    def maximum(self, values):
-        """Per-feature maximum (keep-dims) of ``values`` >= 0 over the axes, masked; local."""
-        if self.mask is not None:
-            values = jnp.where(self.mask, values, 0)
-        return jnp.max(values, axis=self.axes, keepdims=True)
 
     def local_count(self, x_shape, dtype):
         """Counted elements per feature on this device: a constant without mask."""

@@ -13,52 +13,72 @@ they only change the per-feature coefficients of the normalizing pass, ``scale``
 ``normalize.py`` uses the same substitution.
 
 The limits may ramp up with training: from ``rmax = 1, dmax = 0`` (plain batch norm) at
-``state.count == renorm_ramp_start`` to the configured values ``renorm_ramp_steps``
-batches later, linearly.
+``state.count == ramp_start`` to the configured values ``ramp_steps`` batches later,
+linearly.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 from jax import lax
 
-from bnjax._src.types import Affine
+from bnjax._src import validation as v
+from bnjax._src.types import BatchNormParams
 
 
-def limits(count, dtype, *, rmax: float, dmax: float, ramp_start: int, ramp_steps: int):
-    """The clipping limits ``(rmax_t, dmax_t)`` after ``count`` batches, as scalars.
+@dataclasses.dataclass(frozen=True)
+class Renorm:
+    """Batch renormalization's settings: ``BatchNorm(renorm=bnjax.Renorm(...))``.
 
-    Args:
-      count: int scalar, ``state.count``.
-      dtype: dtype of the returned scalars.
+    Attributes:
       rmax: final limit of ``r`` (at least 1).
-      dmax: final limit of ``d`` (at least 0).
-      ramp_start: number of batches during which the limits are 1 and 0.
-      ramp_steps: number of batches over which they then grow linearly to ``rmax`` and
-        ``dmax``; 0 means they jump at ``ramp_start``.
+      dmax: final limit of ``|d|`` (at least 0).
+      ramp_start: batches (``state.count``) during which the limits stay 1 and 0.
+      ramp_steps: batches over which they then grow linearly to ``rmax`` and ``dmax``;
+        0 makes them jump at ``ramp_start``.
 
-    Returns:
-      ``(rmax_t, dmax_t)``, two scalars of ``dtype``.
+    Example:
+      >>> import bnjax
+      >>> bn = bnjax.BatchNorm(renorm=bnjax.Renorm(rmax=3.0, dmax=5.0, ramp_steps=1000))
     """
-    if ramp_start == 0 and ramp_steps == 0:
-        return jnp.asarray(rmax, dtype), jnp.asarray(dmax, dtype)
-    t = count.astype(dtype) - jnp.asarray(ramp_start, dtype)
-    if ramp_steps == 0:
-        frac = (t >= 0).astype(dtype)
-    else:
-        frac = jnp.clip(t / jnp.asarray(ramp_steps, dtype), 0, 1)
-    one = jnp.asarray(1.0, dtype)
-    return one + frac * jnp.asarray(rmax - 1.0, dtype), frac * jnp.asarray(dmax, dtype)
+
+    rmax: float = 3.0
+    dmax: float = 5.0
+    ramp_start: int = 0
+    ramp_steps: int = 0
+
+    def __post_init__(self):
+        v.check_number("renorm.rmax", self.rmax, low=1.0)
+        v.check_number("renorm.dmax", self.dmax, low=0.0)
+        v.check_int("renorm.ramp_start", self.ramp_start)
+        v.check_int("renorm.ramp_steps", self.ramp_steps)
+
+    def limits(self, count, dtype):
+        """The clipping limits ``(rmax_t, dmax_t)`` after ``count`` batches, as scalars of
+        ``dtype``."""
+        if self.ramp_start == 0 and self.ramp_steps == 0:
+            return jnp.asarray(self.rmax, dtype), jnp.asarray(self.dmax, dtype)
+        t = count.astype(dtype) - jnp.asarray(self.ramp_start, dtype)
+        if self.ramp_steps == 0:
+            frac = (t >= 0).astype(dtype)
+        else:
+            frac = jnp.clip(t / jnp.asarray(self.ramp_steps, dtype), 0, 1)
+        one = jnp.asarray(1.0, dtype)
+        return one + frac * jnp.asarray(self.rmax - 1.0, dtype), frac * jnp.asarray(
+            self.dmax, dtype
+        )
 
 
 def corrections(mom, running, epsilon: float, limits):
     """The per-feature ``r`` and ``d`` of one batch, in keep-dims shape, without gradient.
 
     Args:
-      mom: the batch :class:`Moments` (keep-dims shape).
-      running: the :class:`Running` statistics (keep-dims shape).
+      mom: the batch ``Moments`` (keep-dims shape).
+      running: the running ``BatchNormState`` (keep-dims shape).
       epsilon: the variance epsilon.
-      limits: ``(rmax_t, dmax_t)`` from :func:`limits`.
+      limits: ``(rmax_t, dmax_t)`` from :meth:`Renorm.limits`.
 
     Returns:
       ``(r, d)`` in the dtype of the batch variance.
@@ -68,18 +88,16 @@ def corrections(mom, running, epsilon: float, limits):
     rmax, dmax = (jnp.asarray(c, acc) for c in limits)
     eps = jnp.asarray(epsilon, acc)
     run_var = running.var.astype(acc) + eps
-    r = jnp.sqrt((var + eps) / run_var)
-    r = jnp.clip(r, 1 / rmax, rmax)
-    offset = (mom.pivot - running.mean.astype(acc)) + mom.delta
-    d = jnp.clip(offset * lax.rsqrt(run_var), -dmax, dmax)
+    r = jnp.clip(jnp.sqrt((var + eps) / run_var), 1 / rmax, rmax)
+    d = jnp.clip(mom.offset_from(running.mean.astype(acc)) * lax.rsqrt(run_var), -dmax, dmax)
     return lax.stop_gradient(r), lax.stop_gradient(d)
 
 
-def corrected_affine(affine: Affine, r, d) -> Affine:
-    """``Affine(r * scale, d * scale + bias)``; ``scale`` or ``bias`` may be None (1 and 0)."""
-    scale, bias = affine
+def corrected(params: BatchNormParams, r, d) -> BatchNormParams:
+    """``(r * scale, d * scale + bias)``; ``scale`` or ``bias`` may be None (1 and 0)."""
+    scale, bias = params
     new_scale = r if scale is None else r * scale.astype(r.dtype)
     new_bias = d if scale is None else d * scale.astype(d.dtype)
     if bias is not None:
         new_bias = new_bias + bias.astype(d.dtype)
-    return Affine(new_scale, new_bias)
+    return BatchNormParams(new_scale, new_bias)

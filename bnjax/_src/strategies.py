@@ -44,6 +44,7 @@ from bnjax._src import validation as v
 from bnjax._src.batchnorm import BatchNorm, OneElementWarning
 from bnjax._src.moments import STATISTICS
 from bnjax._src.reduction import expand_mask
+from bnjax._src.renorm import Renorm
 from bnjax._src.types import BatchNormParams, BatchNormState
 
 try:
@@ -104,7 +105,7 @@ def configs(**fixed: Any) -> SearchStrategy[BatchNorm]:
 
     Args:
       **fixed: ``BatchNorm`` fields to hold at the given value instead of drawing them,
-        e.g. ``configs(averaging="ema", renorm=False)``.
+        e.g. ``configs(averaging="ema", renorm=None)``.
 
     Returns:
       A strategy of ``bnjax.BatchNorm``.
@@ -149,7 +150,6 @@ def _configs(draw, fixed: dict[str, Any]) -> BatchNorm:
         vbs = draw(st.sampled_from((None, None, *fitting)))
     else:
         vbs = draw(st.none() | st.sampled_from(_VIRTUAL_BATCH_SIZES))
-    renorm = pick("renorm", st.booleans())
     drawn = {
         "axis": pick("axis", _axes(vbs)),
         "momentum": pick("momentum", st.sampled_from((0.0, 0.9, 0.99, 1.0)) | st.floats(0.0, 1.0)),
@@ -161,16 +161,22 @@ def _configs(draw, fixed: dict[str, Any]) -> BatchNorm:
         "skip_nonfinite": pick("skip_nonfinite", st.booleans()),
         "dtype": pick("dtype", st.sampled_from((None, *_FLOATS))),
         "param_dtype": pick("param_dtype", st.sampled_from(_FLOATS)),
-        "renorm": renorm,
+        "renorm": pick("renorm", st.none() | _renorms()),
         "virtual_batch_size": vbs,
         "statistics": pick("statistics", st.sampled_from(STATISTICS)),
     }
-    if renorm:
-        drawn["renorm_rmax"] = pick("renorm_rmax", st.just(1.0) | st.floats(1.0, 5.0))
-        drawn["renorm_dmax"] = pick("renorm_dmax", st.just(0.0) | st.floats(0.0, 5.0))
-        drawn["renorm_ramp_start"] = pick("renorm_ramp_start", st.integers(0, 3))
-        drawn["renorm_ramp_steps"] = pick("renorm_ramp_steps", st.integers(0, 3))
     return BatchNorm(**{**fixed, **drawn})
+
+
+def _renorms():
+    """Batch renormalization settings: limits at and above their smallest, short ramps."""
+    return st.builds(
+        Renorm,
+        rmax=st.just(1.0) | st.floats(1.0, 5.0),
+        dmax=st.just(0.0) | st.floats(0.0, 5.0),
+        ramp_start=st.integers(0, 3),
+        ramp_steps=st.integers(0, 3),
+    )
 
 
 @st.composite

@@ -144,7 +144,7 @@ def check_leaf(name: str, leaf, shape: tuple[int, ...]) -> None:
         )
 
 
-def check_training(name: str, value) -> None:
+def check_static_bool(name: str, value) -> None:
     if isinstance(value, jax.core.Tracer):
         raise TypeError(
             f"{name} must be a Python bool, not a traced value; mark it static "
@@ -153,12 +153,14 @@ def check_training(name: str, value) -> None:
     check_bool(name, value)
 
 
-def check_trees(params, state, feat, scale: bool, center: bool) -> None:
+def check_trees(params, state, feat, scale: bool, center: bool):
     """Checks that ``params`` and ``state`` are the NamedTuples of ``apply`` with leaves of
-    the feature shape ``feat`` (``scale``/``bias`` only where enabled)."""
+    the feature shape ``feat`` (``scale``/``bias`` only where enabled); returns the
+    statistics ``state`` normalizes with (``state.running``)."""
+    running = getattr(state, "running", state)
     for name, tree, kind in (
         ("params", params, BatchNormParams),
-        ("state", state, BatchNormState),
+        ("state", running, BatchNormState),
     ):
         missing = [f for f in kind._fields if not hasattr(tree, f)]
         if missing and isinstance(tree, Mapping):
@@ -172,17 +174,23 @@ def check_trees(params, state, feat, scale: bool, center: bool) -> None:
                 f"{name} must be a {kind.__name__} with fields {kind._fields}; "
                 f"got {type(tree).__name__} without {missing}"
             )
+    if not hasattr(state, "fold"):
+        raise TypeError(
+            f"state must be a BatchNormState (a NamedTuple with fold and running); got "
+            f"{type(state).__name__}. Build it as bnjax.BatchNormState(mean, var, count)"
+        )
     if scale:
         check_leaf("params.scale", params.scale, feat)
     if center:
         check_leaf("params.bias", params.bias, feat)
-    check_leaf("state.mean", state.mean, feat)
-    check_leaf("state.var", state.var, feat)
-    check_leaf("state.count", state.count, ())
-    if not jnp.issubdtype(jnp.result_type(state.count), jnp.integer):
+    check_leaf("state.mean", running.mean, feat)
+    check_leaf("state.var", running.var, feat)
+    check_leaf("state.count", running.count, ())
+    if not jnp.issubdtype(jnp.result_type(running.count), jnp.integer):
         raise TypeError(
-            f"state.count must be an integer scalar; got dtype {jnp.result_type(state.count)}"
+            f"state.count must be an integer scalar; got dtype {jnp.result_type(running.count)}"
         )
+    return running
 
 
 def float_dtype(name, value, allow_none=False):
