@@ -141,9 +141,7 @@ def _moments_of(x):
     n, mean, var = moments(x)
     as32 = lambda a: jnp.asarray(a.reshape(1, -1), jnp.float32)  # noqa: E731
     zeros = jnp.zeros_like(as32(mean))
-    return Moments(
-        n=as32(n), pivot=as32(mean), delta=zeros, scaled_var=as32(var), unit=zeros + 1
-    )
+    return Moments(n=as32(n), pivot=as32(mean), delta=zeros, scaled_var=as32(var), unit=zeros + 1)
 
 
 def _update(state, mom, **kwargs):

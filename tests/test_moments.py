@@ -13,9 +13,9 @@ from reference import moments
 from bnjax._src.moments import (
     FAST_RATIO,
     STATISTICS,
+    Moments,
     accumulation_dtype,
     batch_moments,
-    Moments,
     checked_moments,
     eager_choice,
     is_concrete,

@@ -69,9 +69,7 @@ def test_reference_gradient_matches_finite_differences():
 @pytest.mark.parametrize(("rmax", "dmax"), [(1.5, 0.5), (3.0, 5.0), (1.0, 0.0)])
 def test_renorm_matches_reference_over_steps(rmax, dmax, maybe_jit):
     x, g, scale, bias = _setup()
-    bn = bnjax.BatchNorm(
-        momentum=0.7, epsilon=1e-3, renorm=bnjax.Renorm(rmax=rmax, dmax=dmax)
-    )
+    bn = bnjax.BatchNorm(momentum=0.7, epsilon=1e-3, renorm=bnjax.Renorm(rmax=rmax, dmax=dmax))
     params, state = bn.init(x)
     params = bnjax.BatchNormParams(jnp.asarray(scale, jnp.float32), jnp.asarray(bias, jnp.float32))
     step = maybe_jit(bn.apply, static_argnames=("training",))
@@ -111,9 +109,7 @@ def test_renorm_without_scale_or_bias():
 @pytest.mark.parametrize("count", [0, 3, 5, 9, 12, 40])
 def test_ramp_schedule_follows_state_count(count, maybe_jit):
     x, g, scale, bias = _setup(2)
-    bn = bnjax.BatchNorm(
-        renorm=bnjax.Renorm(rmax=2.0, dmax=1.0, ramp_start=3, ramp_steps=8)
-    )
+    bn = bnjax.BatchNorm(renorm=bnjax.Renorm(rmax=2.0, dmax=1.0, ramp_start=3, ramp_steps=8))
     params, state = bn.init(x)
     params = bnjax.BatchNormParams(jnp.asarray(scale, jnp.float32), jnp.asarray(bias, jnp.float32))
     state = state._replace(

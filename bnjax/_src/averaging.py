@@ -16,9 +16,8 @@ benchmarks/NOTES.md has the numbers; a weight of 1, the first batch of ``"debias
 
 from __future__ import annotations
 
-import jax.numpy as jnp
-
 import jax
+import jax.numpy as jnp
 
 from bnjax._src.moments import Moments, accumulation_dtype
 

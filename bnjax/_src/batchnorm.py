@@ -12,8 +12,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from bnjax._src import ghost, marks
 from bnjax._src import checks as runtime_checks
+from bnjax._src import ghost, marks
 from bnjax._src import validation as v
 from bnjax._src.moments import STATISTICS, accumulation_dtype, batch_moments, resolved
 from bnjax._src.normalize import Spec, affine_pass, multiplier, train_normalize

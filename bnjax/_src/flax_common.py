@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Any
 
 import jax
 import jax.numpy as jnp

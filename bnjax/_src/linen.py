@@ -89,6 +89,7 @@ class BatchNorm(_Options):
     axis_index_groups: Any = None
     use_fast_variance: bool = True
     force_float32_reductions: bool = True
+
     def __post_init__(self):
         common.check_module(self)
         super().__post_init__()

@@ -25,7 +25,6 @@ import jax
 from jax.extend import core as jex_core
 from jax.interpreters import ad, batching, mlir
 
-
 mark_p = jex_core.Primitive("bnjax_mark")
 mark_p.multiple_results = True
 

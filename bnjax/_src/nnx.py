@@ -35,9 +35,10 @@ class BatchNorm(nnx.Module):
 
     Accepts every constructor and call argument of ``flax.nnx.BatchNorm`` with the same
     meaning and default, plus bnjax's options as keywords (``**options``), with the names
-    and defaults of :class:`bnjax.BatchNorm`; each is kept as an attribute. ``use_fast_variance`` is accepted for
-    compatibility and does not change the numbers: bnjax's variance is always the exact
-    two-pass one, and statistics are always reduced in at least float32.
+    and defaults of :class:`bnjax.BatchNorm`; each is kept as an attribute.
+    ``use_fast_variance`` is accepted for compatibility and does not change the numbers:
+    bnjax's variance is always the exact two-pass one, and statistics are always reduced
+    in at least float32.
 
     The batch count is stored as an ``nnx.BatchStat`` named ``count`` only when a setting
     reads it (``averaging="debiased"`` or ``"cumulative"``, ``renorm``, ``checks``);
