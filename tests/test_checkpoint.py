@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -67,6 +68,12 @@ def test_round_trip_is_exact(tmp_path):
     assert isinstance(restored.bn_state, bnjax.BatchNormState)
 
 
+def test_a_version_copied_under_another_name_restores(tmp_path):
+    version = save(tmp_path / "ckpt", make_state(1))
+    shutil.copytree(version, tmp_path / "best")
+    assert_identical(restore(tmp_path / "best", make_state()), make_state(1))
+
+
 def test_relative_paths(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     state = make_state(4)
@@ -87,6 +94,7 @@ def test_versions_keep_the_newest(tmp_path):
         save(path, make_state(), keep="2")
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         restore(tmp_path / "empty", make_state())
+    assert not (tmp_path / "empty").exists()  # a reader creates nothing
 
 
 @pytest.mark.parametrize(
@@ -418,3 +426,64 @@ def test_an_error_without_a_message_is_still_reported(tmp_path, monkeypatch):
     monkeypatch.setattr(ocp.Checkpointer, "restore", restore_failing)
     with pytest.raises(ValueError, match=r"is corrupted or truncated: RuntimeError: $"):
         restore(tmp_path, make_state())
+
+
+def test_keep_applies_to_the_versions_already_there(tmp_path):
+    """orbax's retention sees every version on disk, and numbers on from the newest."""
+    for seed in range(3):
+        save(tmp_path, make_state(seed), keep=3)
+    assert complete_versions(tmp_path) == ["000001", "000002", "000003"]
+    assert save(tmp_path, make_state(3), keep=1) == tmp_path / "000004"
+    assert complete_versions(tmp_path) == ["000004"]
+    assert save(tmp_path, make_state(4), keep=2) == tmp_path / "000005"
+    assert complete_versions(tmp_path) == ["000004", "000005"]
+    assert_identical(restore(tmp_path, make_state()), make_state(4))
+
+
+def _threads_left(before: set, timeout: float = 10.0) -> set:
+    """Threads started since ``before`` still alive after up to ``timeout`` seconds: orbax
+    shuts the worker threads of its event loops down without joining them, so they may
+    take a moment to end after a save returns."""
+    deadline = time.monotonic() + timeout
+    while (left := set(threading.enumerate()) - before) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return left
+
+
+def test_a_failed_save_publishes_nothing_and_leaves_no_thread(tmp_path, monkeypatch):
+    """A save failing inside orbax closes its manager; its temporary directory is ignored
+    by restore and cleared by the next save."""
+    from bnjax._src import checkpoint
+
+    save(tmp_path, make_state(0))
+    threads = set(threading.enumerate())
+
+    def disk_full(root):
+        raise OSError(28, "No space left on device", str(root))
+
+    monkeypatch.setattr(checkpoint, "_fsync_tree", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        save(tmp_path, make_state(1))
+    monkeypatch.undo()
+    assert not _threads_left(threads)
+    assert complete_versions(tmp_path) == ["000001"]
+    assert any(tmp_path.glob(f"*{TMP}*"))
+    assert_identical(restore(tmp_path, make_state()), make_state(0))
+    save(tmp_path, make_state(2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["000001", "000002"]
+    assert not _threads_left(threads)
+
+
+def test_a_checkpoint_of_bnjax_0_0_is_refused_by_name(tmp_path):
+    """bnjax 0.0 wrote ``000001/state`` beside ``000001/manifest.json``; that layout is no
+    longer restored, and the error says so instead of calling it corrupted. A save into
+    such a directory goes on from its newest number and retires the old versions."""
+    (tmp_path / "000001" / "state").mkdir(parents=True)
+    (tmp_path / "000001" / "manifest.json").write_text("{}")
+    for path in (tmp_path, tmp_path / "000001"):
+        with pytest.raises(ValueError, match="has the layout of bnjax 0.0") as info:
+            restore(path, make_state())
+        assert "corrupted" not in str(info.value)
+    assert save(tmp_path, make_state(1), keep=1) == tmp_path / "000002"  # numbering goes on
+    assert complete_versions(tmp_path) == ["000002"]
+    assert_identical(restore(tmp_path, make_state()), make_state(1))
