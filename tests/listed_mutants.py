@@ -74,8 +74,8 @@ MUTANTS = [
     (
         "fsync of files is a no-op",
         "bnjax/_src/checkpoint.py",
-        "                os.fsync(fd)",
-        "                pass",
+        "            os.fsync(fd)",
+        "            pass",
         ["tests/test_checkpoint.py"],
     ),
     (

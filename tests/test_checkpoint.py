@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -21,6 +23,7 @@ import bnjax
 from bnjax.training import TrainState, restore, save
 
 ROOT = Path(__file__).resolve().parent.parent
+TMP = ".orbax-checkpoint-tmp"  # in the name of a version orbax has not renamed into place yet
 
 # A read of a checkpoint with missing files fails in several orbax futures at once; the
 # first becomes the ValueError, the others are reported when the event loop is collected.
@@ -65,6 +68,12 @@ def test_round_trip_is_exact(tmp_path):
     assert isinstance(restored.bn_state, bnjax.BatchNormState)
 
 
+def test_a_version_copied_under_another_name_restores(tmp_path):
+    version = save(tmp_path / "ckpt", make_state(1))
+    shutil.copytree(version, tmp_path / "best")
+    assert_identical(restore(tmp_path / "best", make_state()), make_state(1))
+
+
 def test_relative_paths(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     state = make_state(4)
@@ -85,6 +94,7 @@ def test_versions_keep_the_newest(tmp_path):
         save(path, make_state(), keep="2")
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         restore(tmp_path / "empty", make_state())
+    assert not (tmp_path / "empty").exists()  # a reader creates nothing
 
 
 @pytest.mark.parametrize(
@@ -111,6 +121,15 @@ def test_restore_into_another_model_names_the_first_mismatching_leaf(tmp_path, c
         assert word in str(info.value)
 
 
+def manifest_file(version: Path) -> Path:
+    """The JSON file of a version's manifest item (orbax names it ``metadata``)."""
+    return version / "manifest" / "metadata"
+
+
+def complete_versions(path: Path) -> list[str]:
+    return sorted(p.name for p in path.iterdir() if p.name.isdigit())
+
+
 def _largest_file(directory: Path) -> Path:
     files = [p for p in directory.rglob("*") if p.is_file()]
     return max(files, key=lambda p: p.stat().st_size)
@@ -134,11 +153,11 @@ def test_corrupted_or_truncated_checkpoint_is_refused(tmp_path, damage):
     elif damage == "truncate":
         target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
     elif damage == "checksum":
-        manifest = json.loads((version / "manifest.json").read_text())
+        manifest = json.loads(manifest_file(version).read_text())
         manifest["leaves"][0]["sha256"] = "0" * 64
-        (version / "manifest.json").write_text(json.dumps(manifest))
+        manifest_file(version).write_text(json.dumps(manifest))
     elif damage == "manifest":
-        (version / "manifest.json").write_text('{"format": "bnjax-checkpoint-1", "lea')
+        manifest_file(version).write_text('{"format": "bnjax-checkpoint-1", "lea')
     else:
         for p in (version / "state").rglob("*"):
             if p.is_file() and p.parent.name == "d":
@@ -149,7 +168,7 @@ def test_corrupted_or_truncated_checkpoint_is_refused(tmp_path, damage):
 
 CHILD = textwrap.dedent(
     """
-    import os, signal, sys
+    import os, shutil, signal, sys
     import jax.numpy as jnp, numpy as np
     from bnjax._src import checkpoint
 
@@ -162,10 +181,16 @@ CHILD = textwrap.dedent(
 
     if stage == "before_fsync":
         checkpoint._fsync_tree = die
-    elif stage == "before_rename":
-        checkpoint.os.rename = die
-    elif stage == "while_discarding":
-        checkpoint._discard = die
+    elif stage == "before_rename":  # the rename that publishes the version, not an item's
+        rename = os.rename
+        os.rename = lambda src, dst: die() if os.path.dirname(dst) == path else rename(src, dst)
+    elif stage == "while_discarding":  # orbax removes a retired version with shutil.rmtree
+        def rmtree_midway(target, *args, **kwargs):
+            files = [os.path.join(d, f) for d, _, names in os.walk(target) for f in names]
+            if files:  # one file gone, the rest left: a version half removed
+                os.remove(max(files, key=os.path.getsize))
+            die()
+        shutil.rmtree = rmtree_midway
     print("saving", flush=True)
     checkpoint.save(path, state, keep=1)
     print("saved", flush=True)
@@ -191,7 +216,7 @@ def _run_child(path: Path, stage: str, script: Path):
         if stage == "timed":  # SIGKILL as soon as the save starts writing its files
             assert proc.stdout.readline().strip() == "saving"
             deadline = time.monotonic() + 60
-            while not any(p.iterdir() for p in path.glob(".tmp-*")):
+            while not any(p.iterdir() for p in path.glob(f"*{TMP}*")):
                 assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
                 time.sleep(0.001)
             proc.send_signal(signal.SIGKILL)
@@ -219,12 +244,12 @@ def test_save_killed_midway_leaves_a_restorable_checkpoint(tmp_path, stage):
         expected = np.random.default_rng(1).standard_normal(2_000_000).astype(np.float32)
         np.testing.assert_array_equal(restored["big"], expected)
     else:
-        assert [p.name for p in path.glob("0*")] == ["000001"]
-        assert any(path.glob(".tmp-*")), "the kill did not interrupt the save"
+        assert complete_versions(path) == ["000001"]
+        assert any(path.glob(f"*{TMP}*")), "the kill did not interrupt the save"
         assert_identical(restored, first)
     later = {"big": jnp.ones(2_000_000, jnp.float32), "step": jnp.asarray(2, jnp.int32)}
     save(path, later)
-    assert not any(p.name.startswith((".tmp-", ".trash-")) for p in path.iterdir())
+    assert complete_versions(path) == sorted(p.name for p in path.iterdir())  # no leftover
     assert_identical(restore(path, like=first), later)
 
 
@@ -287,10 +312,10 @@ def test_structure_mismatch_with_equal_dotted_names_is_not_called_corruption(tmp
 
 def test_manifest_missing_a_field_is_reported_as_corruption(tmp_path):
     version = save(tmp_path, make_state(0))
-    manifest = json.loads((version / "manifest.json").read_text())
+    manifest = json.loads(manifest_file(version).read_text())
     del manifest["leaves"][1]["dtype"]
-    (version / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ValueError, match=r"corrupted: manifest.json entry 1 lacks \['dtype'\]"):
+    manifest_file(version).write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"corrupted: manifest entry 1 lacks \['dtype'\]"):
         restore(tmp_path, make_state(0))
 
 
@@ -338,16 +363,19 @@ def test_a_leaf_beyond_the_end_is_named(tmp_path, extra_in):
 
 def test_a_version_without_its_manifest_is_corrupted_not_missing(tmp_path):
     version = save(tmp_path, make_state())
-    (version / "manifest.json").unlink()
-    with pytest.raises(ValueError, match="corrupted or incomplete: cannot read manifest.json"):
+    manifest_file(version).unlink()
+    with pytest.raises(ValueError, match="corrupted or incomplete: cannot read its manifest"):
         restore(version, make_state())
+    shutil.rmtree(version / "manifest")  # the whole item
+    with pytest.raises(ValueError, match="corrupted or incomplete: cannot read its manifest"):
+        restore(tmp_path, make_state())
 
 
 @pytest.mark.parametrize("text", ['{"format": "another-format-2", "leaves": []}', "[1, 2]"])
 def test_a_manifest_of_another_format_is_refused(tmp_path, text):
     version = save(tmp_path, make_state())
-    (version / "manifest.json").write_text(text)
-    with pytest.raises(ValueError, match="manifest.json is not a bnjax-checkpoint-1 manifest"):
+    manifest_file(version).write_text(text)
+    with pytest.raises(ValueError, match="its manifest is not a bnjax-checkpoint-1 manifest"):
         restore(tmp_path, make_state())
 
 
@@ -356,9 +384,9 @@ def test_damage_is_reported_at_once(tmp_path, monkeypatch):
     from bnjax._src import checkpoint
 
     version = save(tmp_path, make_state())
-    manifest = json.loads((version / "manifest.json").read_text())
+    manifest = json.loads(manifest_file(version).read_text())
     manifest["leaves"][0]["sha256"] = "0" * 64
-    (version / "manifest.json").write_text(json.dumps(manifest))
+    manifest_file(version).write_text(json.dumps(manifest))
     real, reads = checkpoint._read_arrays, []
     monkeypatch.setattr(checkpoint, "_read_arrays", lambda *a: reads.append(1) or real(*a))
     with pytest.raises(ValueError, match="does not match the checksum"):
@@ -385,21 +413,77 @@ def test_reader_outlasting_a_writer_that_retires_every_version_it_picks(tmp_path
 
 
 def test_an_error_without_a_message_is_still_reported(tmp_path, monkeypatch):
-    from bnjax._src import checkpoint
+    import orbax.checkpoint as ocp
 
     save(tmp_path, make_state())
+    real = ocp.Checkpointer.restore
 
-    class Checkpointer:
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-        def restore(self, *args):
+    def restore_failing(self, directory, args):
+        if "state" in args:
             raise RuntimeError()
+        return real(self, directory, args=args)
 
-    fake = type("ocp", (), {"StandardCheckpointer": Checkpointer})
-    monkeypatch.setattr(checkpoint, "_orbax", lambda: fake)
+    monkeypatch.setattr(ocp.Checkpointer, "restore", restore_failing)
     with pytest.raises(ValueError, match=r"is corrupted or truncated: RuntimeError: $"):
         restore(tmp_path, make_state())
+
+
+def test_keep_applies_to_the_versions_already_there(tmp_path):
+    """orbax's retention sees every version on disk, and numbers on from the newest."""
+    for seed in range(3):
+        save(tmp_path, make_state(seed), keep=3)
+    assert complete_versions(tmp_path) == ["000001", "000002", "000003"]
+    assert save(tmp_path, make_state(3), keep=1) == tmp_path / "000004"
+    assert complete_versions(tmp_path) == ["000004"]
+    assert save(tmp_path, make_state(4), keep=2) == tmp_path / "000005"
+    assert complete_versions(tmp_path) == ["000004", "000005"]
+    assert_identical(restore(tmp_path, make_state()), make_state(4))
+
+
+def _threads_left(before: set, timeout: float = 10.0) -> set:
+    """Threads started since ``before`` still alive after up to ``timeout`` seconds: orbax
+    shuts the worker threads of its event loops down without joining them, so they may
+    take a moment to end after a save returns."""
+    deadline = time.monotonic() + timeout
+    while (left := set(threading.enumerate()) - before) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return left
+
+
+def test_a_failed_save_publishes_nothing_and_leaves_no_thread(tmp_path, monkeypatch):
+    """A save failing inside orbax closes its manager; its temporary directory is ignored
+    by restore and cleared by the next save."""
+    from bnjax._src import checkpoint
+
+    save(tmp_path, make_state(0))
+    threads = set(threading.enumerate())
+
+    def disk_full(root):
+        raise OSError(28, "No space left on device", str(root))
+
+    monkeypatch.setattr(checkpoint, "_fsync_tree", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        save(tmp_path, make_state(1))
+    monkeypatch.undo()
+    assert not _threads_left(threads)
+    assert complete_versions(tmp_path) == ["000001"]
+    assert any(tmp_path.glob(f"*{TMP}*"))
+    assert_identical(restore(tmp_path, make_state()), make_state(0))
+    save(tmp_path, make_state(2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["000001", "000002"]
+    assert not _threads_left(threads)
+
+
+def test_a_checkpoint_of_bnjax_0_0_is_refused_by_name(tmp_path):
+    """bnjax 0.0 wrote ``000001/state`` beside ``000001/manifest.json``; that layout is no
+    longer restored, and the error says so instead of calling it corrupted. A save into
+    such a directory goes on from its newest number and retires the old versions."""
+    (tmp_path / "000001" / "state").mkdir(parents=True)
+    (tmp_path / "000001" / "manifest.json").write_text("{}")
+    for path in (tmp_path, tmp_path / "000001"):
+        with pytest.raises(ValueError, match="has the layout of bnjax 0.0") as info:
+            restore(path, make_state())
+        assert "corrupted" not in str(info.value)
+    assert save(tmp_path, make_state(1), keep=1) == tmp_path / "000002"  # numbering goes on
+    assert complete_versions(tmp_path) == ["000002"]
+    assert_identical(restore(tmp_path, make_state()), make_state(1))

@@ -1,29 +1,29 @@
-"""Crash-safe checkpoints of any pytree (a ``TrainState``) with orbax-checkpoint.
+"""Crash-safe checkpoints of any pytree (a ``TrainState``) on orbax-checkpoint.
 
-A checkpoint directory holds numbered versions, each complete or absent::
+A checkpoint directory is one of orbax's ``CheckpointManager``: a numbered step per
+version, each holding two items::
 
-    path/000001/state/          orbax-checkpoint's files
-    path/000001/manifest.json   every leaf's path, shape, dtype and SHA-256
+    path/000001/state/      the arrays, in orbax-checkpoint's format
+    path/000001/manifest/   every leaf's path, shape, dtype and SHA-256 (JSON)
     path/000002/...
 
-:func:`save` writes a new version into a hidden temporary directory, fsyncs every file
-and directory, and only then renames it to the next number (an atomic rename on one
-file system): a process killed at any moment leaves either the old versions alone or the
-new version complete. Older versions beyond ``keep`` are then removed, newest kept.
-:func:`restore` reads the highest version, checks its manifest against ``like`` (first
-mismatching leaf named), and verifies every restored leaf against its checksum, so a
-corrupted or truncated checkpoint is refused, never loaded as garbage. One process
+orbax writes a version into a temporary directory and renames it into place, removes
+the versions beyond ``keep`` (newest kept), and clears what an interrupted save left
+behind. orbax fsyncs only the array data; bnjax fsyncs every file and directory of the
+version before that rename and the directory after it, so a process killed (or a machine
+losing power) at any moment leaves either the old versions alone or the new version
+complete. :func:`restore` reads the newest version, checks its manifest against ``like``
+(first mismatching leaf named), and verifies every restored leaf against its checksum,
+so a corrupted or truncated checkpoint is refused, never loaded as garbage. One process
 writes a given ``path`` at a time; others may restore meanwhile (a version the writer
 retires during a read is read again from the newest).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import json
 import os
-import shutil
-import uuid
 from pathlib import Path
 
 import jax
@@ -33,21 +33,16 @@ from bnjax._src import extras
 from bnjax._src import validation as v
 
 FORMAT = "bnjax-checkpoint-1"
-MANIFEST = "manifest.json"
 STATE = "state"
+MANIFEST = "manifest"
+DIGITS = 6  # version directories are 000001, 000002, ...
+_RETRIES = 4
+_ENTRY_FIELDS = ("path", "key", "shape", "dtype", "sha256")
 
 
 def leaf_name(key_path) -> str:
     """A dotted name for a pytree key path, e.g. ``params.conv.scale`` or ``opt_state.0``."""
-    parts = []
-    for key in key_path:
-        for attr in ("name", "key", "idx"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-        else:
-            parts.append(str(key))
-    return ".".join(parts) or "<root>"
+    return jax.tree_util.keystr(key_path, simple=True, separator=".") or "<root>"
 
 
 def _describe(tree) -> list[dict]:
@@ -73,33 +68,56 @@ def _digest(x) -> str:
     return hashlib.sha256(np.ascontiguousarray(np.asarray(x)).tobytes()).hexdigest()
 
 
+def _fsync(*paths) -> None:
+    """fsyncs files and directories."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def _fsync_tree(root: Path) -> None:
     """fsyncs every file and directory under ``root`` (``root`` included)."""
     for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(dirpath))
+        _fsync(dirpath, *(os.path.join(dirpath, name) for name in filenames))
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+@functools.cache
+def _durable_rename(ocp):
+    """orbax's atomic rename of a version (and of each item in it) into place, with fsyncs.
+
+    Before the rename every file and directory of the new version is fsynced; after it,
+    the commit marker orbax writes just before renaming, and the parent directory.
+    """
+
+    class DurableRename(ocp.path.atomicity.AtomicRenameTemporaryPath):
+        async def finalize(self):  # blocking calls: a save is synchronous anyway
+            _fsync_tree(Path(self.get()))
+            await super().finalize()  # writes orbax's commit marker, then renames
+            _fsync_tree(Path(self.get_final()))
+            _fsync(Path(self.get_final()).parent)
+
+    return DurableRename
 
 
-def versions(path) -> list[Path]:
-    """The complete versions in a checkpoint directory, oldest first."""
-    path = Path(path)
-    if not path.is_dir():
-        return []
-    found = [p for p in path.iterdir() if p.is_dir() and p.name.isdigit()]
-    return sorted(found, key=lambda p: int(p.name))
+def _manager(ocp, root: Path, keep: int | None = None):
+    """A ``CheckpointManager`` on ``root``: a writer keeping ``keep`` versions, or a reader.
+
+    A reader never saves, so it writes nothing (orbax's ``read_only`` would only add two
+    logged warnings per manager).
+    """
+    writer = keep is not None
+    options = ocp.CheckpointManagerOptions(
+        step_format_fixed_length=DIGITS,
+        preservation_policy=ocp.checkpoint_managers.LatestN(keep) if writer else None,
+        create=writer,
+        cleanup_tmp_directories=writer,
+        enable_async_checkpointing=False,  # save returns with the version on disk
+        temporary_path_class=_durable_rename(ocp),
+    )
+    return ocp.CheckpointManager(root, options=options)
 
 
 def save(path, state, *, keep: int = 2) -> Path:
@@ -111,61 +129,36 @@ def save(path, state, *, keep: int = 2) -> Path:
       keep: how many versions to keep, the new one included (at least 1).
 
     Returns:
-      The directory of the new version.
+      The directory of the new version, e.g. ``path/000003``.
 
     Raises:
-      ValueError: ``keep`` is less than 1.
+      ValueError: ``keep`` is less than 1, or a leaf of ``state`` has no element.
       TypeError: ``keep`` is not an int.
+      OSError: writing failed; no version is published, and the next save clears what
+        this one wrote.
     """
     v.check_int("keep", keep, low=1, what="versions kept, the one just written included")
     ocp = _orbax()
-
     leaves = _describe(state)
-    for entry in leaves:
+    for entry, leaf in zip(leaves, jax.tree.leaves(state), strict=True):
         if 0 in entry["shape"]:
             raise ValueError(
                 f"state leaf {entry['path']!r} has shape {tuple(entry['shape'])}, with no "
                 "element; orbax-checkpoint cannot store an empty array. Leave it out of the "
                 "saved pytree (or give it one element)"
             )
-    path = Path(path).absolute()
-    path.mkdir(parents=True, exist_ok=True)
-    _remove_leftovers(path)
-    existing = versions(path)
-    number = int(existing[-1].name) + 1 if existing else 1
-    tmp = path / f".tmp-{number:06d}-{uuid.uuid4().hex}"
-    tmp.mkdir()
-    try:
-        with ocp.StandardCheckpointer() as checkpointer:
-            checkpointer.save(tmp / STATE, state)
-            checkpointer.wait_until_finished()
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written version
-        raise
-    for entry, leaf in zip(leaves, jax.tree.leaves(state), strict=True):
         entry["sha256"] = _digest(leaf)
-    (tmp / MANIFEST).write_text(json.dumps({"format": FORMAT, "leaves": leaves}, indent=1))
-    _fsync_tree(tmp)
-    final = path / f"{number:06d}"
-    os.rename(tmp, final)  # the commit point: the version appears complete or not at all
-    _fsync_dir(path)
-    for old in versions(path)[:-keep]:
-        _discard(old)
-    return final
-
-
-def _discard(directory: Path) -> None:
-    """Removes a directory, first renaming it so a partial removal is never a version."""
-    trash = directory.with_name(f".trash-{directory.name}-{uuid.uuid4().hex}")
-    os.rename(directory, trash)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-def _remove_leftovers(path: Path) -> None:
-    """Removes what an interrupted save left behind (never a complete version)."""
-    for p in path.iterdir():
-        if p.name.startswith((".tmp-", ".trash-")):
-            shutil.rmtree(p, ignore_errors=True)
+    path = Path(path).absolute()
+    manager = _manager(ocp, path, keep=keep)
+    try:  # closed even when the save fails: no orbax thread outlives it
+        step = (manager.latest_step() or 0) + 1
+        manifest = {"format": FORMAT, "leaves": leaves}
+        items = {STATE: ocp.args.StandardSave(state), MANIFEST: ocp.args.JsonSave(manifest)}
+        manager.save(step, args=ocp.args.Composite(**items))
+        manager.wait_until_finished()
+    finally:
+        manager.close()
+    return path / f"{step:0{DIGITS}d}"
 
 
 def restore(path, like):
@@ -182,8 +175,9 @@ def restore(path, like):
     Raises:
       FileNotFoundError: ``path`` holds no complete checkpoint.
       ValueError: the checkpoint's structure, a shape or a dtype differs from ``like``
-        (the first mismatching leaf is named), or the checkpoint is corrupted or
-        truncated (a missing or unreadable file, or a leaf whose checksum differs).
+        (the first mismatching leaf is named), the checkpoint is corrupted or truncated
+        (a missing or unreadable file, or a leaf whose checksum differs), or it has the
+        layout of bnjax 0.0.
     """
     path = Path(path).absolute()
     for _ in range(_RETRIES):
@@ -198,14 +192,21 @@ def restore(path, like):
     return _restore_version(_pick_version(path), like)
 
 
-_RETRIES = 4
+def _pick_version(path: Path) -> Path:
+    if (path / STATE).is_dir() or (path / MANIFEST).is_dir():
+        return path
+    with _manager(_orbax(), path) as manager:
+        step = manager.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"no complete checkpoint in {os.fspath(path)!r}")
+    return path / f"{step:0{DIGITS}d}"
 
 
 def _restore_version(version: Path, like):
-    manifest = _read_manifest(version)
-    _compare(manifest["leaves"], _describe(like), version)
+    leaves = _read_manifest(version)
+    _compare(leaves, _describe(like), version)
     restored = _read_arrays(version, like)
-    for entry, leaf in zip(manifest["leaves"], jax.tree.leaves(restored), strict=True):
+    for entry, leaf in zip(leaves, jax.tree.leaves(restored), strict=True):
         if _digest(leaf) != entry["sha256"]:
             raise ValueError(
                 f"checkpoint {version} is corrupted: leaf {entry['path']!r} does not match the "
@@ -214,27 +215,34 @@ def _restore_version(version: Path, like):
     return restored
 
 
-def _pick_version(path: Path) -> Path:
-    if (path / MANIFEST).is_file() or (path / STATE).is_dir():
-        return path
-    found = versions(path)
-    if not found:
-        raise FileNotFoundError(f"no complete checkpoint in {os.fspath(path)!r}")
-    return found[-1]
+def _read_item(version: Path, item: str, args, damage: str):
+    """Reads one item of a version (a directory of any name) with orbax.
 
-
-def _read_manifest(version: Path) -> dict:
+    Any error orbax raises becomes a ValueError saying the version is ``damage``.
+    """
+    ocp = _orbax()
     try:
-        manifest = json.loads((version / MANIFEST).read_text())
-    except (OSError, ValueError) as e:
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+            return checkpointer.restore(version, args=ocp.args.Composite(**{item: args}))[item]
+    except Exception as e:  # orbax and tensorstore raise many kinds on damaged files
+        detail = (str(e).splitlines() or [""])[0][:300]
+        raise ValueError(f"checkpoint {version} is {damage}: {type(e).__name__}: {detail}") from e
+
+
+def _read_manifest(version: Path) -> list[dict]:
+    """The leaves listed in a version's manifest, each with all of ``_ENTRY_FIELDS``."""
+    if (version / "manifest.json").is_file():
         raise ValueError(
-            f"checkpoint {version} is corrupted or incomplete: cannot read {MANIFEST} ({e})"
-        ) from None
+            f"checkpoint {version} has the layout of bnjax 0.0 (a manifest.json beside state/), "
+            "which this bnjax no longer restores; restore it with bnjax 0.0"
+        )
+    damage = f"corrupted or incomplete: cannot read its {MANIFEST}"
+    manifest = _read_item(version, MANIFEST, _orbax().args.JsonRestore(), damage)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ValueError(f"checkpoint {version}: {MANIFEST} is not a {FORMAT} manifest")
+        raise ValueError(f"checkpoint {version}: its {MANIFEST} is not a {FORMAT} manifest")
     leaves = manifest.get("leaves")
     if not isinstance(leaves, list):
-        raise ValueError(f"checkpoint {version} is corrupted: {MANIFEST} has no list of leaves")
+        raise ValueError(f"checkpoint {version} is corrupted: its {MANIFEST} has no leaf list")
     for i, entry in enumerate(leaves):
         missing = [k for k in _ENTRY_FIELDS if not isinstance(entry, dict) or k not in entry]
         if missing:
@@ -242,59 +250,42 @@ def _read_manifest(version: Path) -> dict:
                 f"checkpoint {version} is corrupted: {MANIFEST} entry {i} lacks {missing}; "
                 f"expected the fields {list(_ENTRY_FIELDS)} of every leaf"
             )
-    return manifest
-
-
-_ENTRY_FIELDS = ("path", "shape", "dtype", "sha256")
+    return leaves
 
 
 def _compare(saved: list[dict], wanted: list[dict], version: Path) -> None:
     """Raises ValueError naming the first leaf where the checkpoint and ``like`` differ."""
-    for i in range(max(len(saved), len(wanted))):
-        have = saved[i] if i < len(saved) else None
-        want = wanted[i] if i < len(wanted) else None
-        if have is not None and want is not None and have["path"] != want["path"]:
-            raise ValueError(
-                f"checkpoint {version} does not match like: leaf {i} is {have['path']!r} in the "
-                f"checkpoint but {want['path']!r} in like (another structure)"
-            )
-        if have is not None and want is not None and have.get("key", want["key"]) != want["key"]:
-            raise ValueError(
-                f"checkpoint {version} does not match like: leaf {i} is {have['key']} in the "
-                f"checkpoint but {want['key']} in like (another structure; the checkpoint "
-                "itself is intact)"
-            )
-        if have is None or want is None:
-            name, where = (want, "like") if have is None else (have, "the checkpoint")
-            raise ValueError(
-                f"checkpoint {version} does not match like: leaf {name['path']!r} exists only "
-                f"in {where} ({len(saved)} leaves saved, {len(wanted)} in like)"
-            )
+    differ = f"checkpoint {version} does not match like:"
+    for i, (have, want) in enumerate(zip(saved, wanted, strict=False)):  # lengths: below
+        for field in ("path", "key"):  # {"a.b": x} and {"a": {"b": x}} differ by key only
+            if have[field] != want[field]:
+                raise ValueError(
+                    f"{differ} leaf {i} is {have[field]!r} in the checkpoint but "
+                    f"{want[field]!r} in like (another structure; the checkpoint is intact)"
+                )
         for field, show in (("shape", tuple), ("dtype", str)):
             if have[field] != want[field]:
                 raise ValueError(
-                    f"checkpoint {version} does not match like: leaf {have['path']!r} has "
-                    f"{field} {show(have[field])} in the checkpoint but {show(want[field])} in like"
+                    f"{differ} leaf {have['path']!r} has {field} {show(have[field])} in the "
+                    f"checkpoint but {show(want[field])} in like"
                 )
+    if len(saved) != len(wanted):
+        n = min(len(saved), len(wanted))
+        only, where = (wanted[n], "like") if n == len(saved) else (saved[n], "the checkpoint")
+        raise ValueError(
+            f"{differ} leaf {only['path']!r} exists only in {where} "
+            f"({len(saved)} leaves saved, {len(wanted)} in like)"
+        )
 
 
 def _read_arrays(version: Path, like):
-    ocp = _orbax()
-
     def target(x):
         sharding = getattr(x, "sharding", None)
         return jax.ShapeDtypeStruct(np.shape(x), _dtype(x), sharding=sharding)
 
-    treedef = jax.tree.structure(like)
-    try:
-        with ocp.StandardCheckpointer() as checkpointer:
-            restored = checkpointer.restore(version / STATE, jax.tree.map(target, like))
-    except Exception as e:  # orbax and tensorstore raise many kinds on damaged files
-        detail = (str(e).splitlines() or [""])[0][:300]
-        raise ValueError(
-            f"checkpoint {version} is corrupted or truncated: {type(e).__name__}: {detail}"
-        ) from e
-    return jax.tree.unflatten(treedef, jax.tree.leaves(restored))
+    args = _orbax().args.StandardRestore(jax.tree.map(target, like))
+    restored = _read_item(version, STATE, args, "corrupted or truncated")
+    return jax.tree.unflatten(jax.tree.structure(like), jax.tree.leaves(restored))
 
 
 def _orbax():
