@@ -227,7 +227,14 @@ class Run:
         self.results = {}  # {(shape, dtype): {"rows": {name: row}, "rounds": n}}
         self.lock = threading.Lock()
         self.written = False
-        self.environment = environment()
+        # Filled in once the watchdog runs (nvidia-smi, run by jax's summary, may hang).
+        self.environment = {
+            "device": "?",
+            "backend": "?",
+            "versions": "?",
+            "host": "?",
+            "info": "(not collected)",
+        }
 
     def write(self, budget, stopped_by=None):
         """Writes and prints the report once; returns its path (None if already written)."""
@@ -477,9 +484,9 @@ def phase2(state, budget, estimates, case, bnjax_calls):
             log(f"  {impl.name} failed: {row['error']}")
             continue
         calls.update(mine)
-        log(f"  compiled {impl.name} ({sum(row['compile'].values()):.1f} s)")
         if not ok:
             break
+        log(f"  compiled {impl.name} ({sum(row['compile'].values()):.1f} s)")
     res["rounds"] = 0
     try:
         times, res["rounds"] = time_rounds(calls, args.rounds, args.repeats, budget, estimates[1])
@@ -499,7 +506,6 @@ def main(argv=None):
     budget = Budget(args.budget_s, reserve=min(10.0, 1.0 + 0.03 * args.budget_s))
     impls, notes = build_impls(args.peers)
     state = Run(args, impls, notes)
-    log(f"{state.environment['device']}; measuring {[i.name for i in impls]}")
 
     # The watchdog: a compile or call that overruns the budget cannot be interrupted, but
     # the report can still be written from this thread (XLA releases the GIL meanwhile).
@@ -518,6 +524,8 @@ def main(argv=None):
     timer.daemon = True
     timer.start()
     try:
+        state.environment = environment()
+        log(f"{state.environment['device']}; measuring {[i.name for i in impls]}")
         cases = [(tuple(s), d) for s in args.shapes for d in args.dtypes]
         estimates = (Estimate(), Estimate())  # compiles, rounds
         calls = phase1(state, budget, estimates[0], cases)
