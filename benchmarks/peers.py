@@ -126,12 +126,15 @@ def _haiku():
     return Impl("haiku", "dm-haiku", init, forward, running_var)
 
 
-def _equinox():
+def _equinox(mode="ema"):
+    """Equinox's layer in ``mode`` ``"ema"`` (the ``"equinox"`` row) or ``"batch"`` (the
+    mode Equinox recommends for new code: batch statistics in training, no first-call
+    select; named ``"equinox batch"``)."""
     import equinox as eqx
 
     def init(shape, dtype, momentum):
         bn, state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(
-            shape[-1], "batch", eps=EPSILON, momentum=momentum, mode="ema", dtype=dtype
+            shape[-1], "batch", eps=EPSILON, momentum=momentum, mode=mode, dtype=dtype
         )
         return (bn.weight, bn.bias), state, bn
 
@@ -150,9 +153,15 @@ def _equinox():
         return y.reshape(x.shape).astype(x.dtype), new
 
     def running_var(bn, state):
-        return state.get(bn.ema_state_index)[1]
+        if mode == "ema":
+            return state.get(bn.ema_state_index)[1]
+        # What Equinox's inference divides by: the zero-debiased hidden average.
+        count = state.get(bn.batch_counter)
+        debias = jnp.where(count == 0, 1.0, 1.0 - bn.momentum**count)
+        return state.get(bn.batch_state_index)[1] / debias
 
-    return Impl("equinox", "equinox", init, forward, running_var)
+    name = "equinox" if mode == "ema" else f"equinox {mode}"
+    return Impl(name, "equinox", init, forward, running_var)
 
 
 def _bnjax_equinox():

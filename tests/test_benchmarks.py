@@ -7,6 +7,8 @@ check on fresh random inputs with a numpy float64 reference, eagerly and under j
 """
 
 import importlib.util
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import pytest
 import bnjax
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+GPU_CHECK = BENCH / "gpu_check.py"
 
 
 def _load_harness():
@@ -225,6 +228,39 @@ def test_harness_smoke(tmp_path):
     assert "branchless / checked time" in text
     for name in names:
         assert f"| {name} | " in text
+
+
+def _gpu_check(out, budget_s):
+    """``gpu_check.py --smoke`` in a subprocess; returns it and its report's text."""
+    argv = [sys.executable, str(GPU_CHECK), "--smoke", "--out", str(out), "--budget-s", budget_s]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (path,) = out.glob("RESULTS-gpu-*.md")
+    assert re.fullmatch(r"RESULTS-gpu-\d{4}-\d{2}-\d{2}\.md", path.name)
+    text = path.read_text()
+    assert text.strip() in done.stdout  # printed as written
+    return done, text
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke(tmp_path):
+    """The GPU check end to end on CPU (about 25 s): both dtypes, the conditionals column."""
+    _, text = _gpu_check(tmp_path, "45")
+    for dtype in ("float32", "bfloat16"):
+        assert f"## (8, 4, 4, 8) {dtype}" in text and f"## (64, 16) {dtype}" in text
+    assert "| conditionals (train / fwd+bwd) |" in text
+    assert "bnjax conditionals in the compiled HLO** (8 functions)" in text
+    # bnjax's row of the first case is timed, and its own ratio is 1.
+    first = text.split("## (8, 4, 4, 8) float32", 1)[1].split("##", 1)[0]
+    assert re.search(r"\| bnjax \| \d+\.\d{3} \| 1\.00 \| \d+\.\d{3} \| 1\.00 \|", first)
+    assert "| flax.linen |" in first
+
+
+def test_gpu_check_stops_within_its_budget(tmp_path):
+    """A budget spent before the first compile: the report still comes, saying so."""
+    _, text = _gpu_check(tmp_path, "1")
+    assert "**stopped early**" in text and "NOT MEASURED" in text
+    assert text.count("(not timed)") == 4  # every case listed, none reached
 
 
 @pytest.mark.parametrize("ratio", [0.0, 5.5, 6.0, 1e4])
