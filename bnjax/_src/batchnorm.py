@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from bnjax._src import checks as runtime_checks
 from bnjax._src import ghost, marks
 from bnjax._src import validation as v
-from bnjax._src.moments import STATISTICS, accumulation_dtype, batch_moments, resolved
+from bnjax._src.moments import STATISTICS, accumulation_dtype, batch_moments, path, resolved
 from bnjax._src.normalize import Spec, affine_pass, multiplier, train_normalize
 from bnjax._src.reduction import Reduction, expand_mask
 from bnjax._src.renorm import Renorm
@@ -227,7 +227,8 @@ class BatchNorm:
         else:
             y = self._inference(params, state.running, x, axes)
             red = Reduction(axes, mask, self.axis_name, self.axis_index_groups)
-            moments = batch_moments(x, red, statistics=self.statistics) if update_stats else None
+            statistics = path(self.statistics, named_axis=self.axis_name is not None)
+            moments = batch_moments(x, red, statistics=statistics) if update_stats else None
         call_id = marks.new_call_id()
         steps = 0 if not x.size else x.shape[0] // self.virtual_batch_size if chunked else 1
         flags = {"training": training, "update_stats": update_stats, "steps": steps}
@@ -285,13 +286,14 @@ class BatchNorm:
             count=running.count if self.renorm is not None else None,
         )
         operands = (x, params, mask, seen)
-        if self.virtual_batch_size is None:
-            return (self.statistics, functools.partial(train_normalize, spec), *operands)
-        # The chunks are a vmap, under which a conditional would run every branch.
+        chunked = self.virtual_batch_size is not None
+        statistics = path(self.statistics, named_axis=self.axis_name is not None, vmapped=chunked)
+        if not chunked:
+            return (statistics, functools.partial(train_normalize, spec), *operands)
         chunks = functools.partial(
             ghost.ghost_normalize, spec, virtual_batch_size=self.virtual_batch_size
         )
-        return ("branchless", chunks, *operands)
+        return (statistics, chunks, *operands)
 
     def _warn_if_one_element(self, x_shape, reduce_axes):
         """Warns when every (virtual) batch holds one element per feature: y equals bias."""

@@ -126,6 +126,17 @@ def accumulation_dtype(*dtypes) -> jnp.dtype:
     return max((jnp.dtype(jnp.float32), *map(jnp.dtype, dtypes)), key=lambda d: d.itemsize)
 
 
+def path(statistics: str, *, named_axis: bool, vmapped: bool = False) -> str:
+    """The statistics path for a call: ``statistics`` itself, except ``"branchless"`` for
+    statistics computed under bnjax's own ``vmap`` (virtual batches, where a conditional
+    would run every branch), and ``"auto"`` is ``"branchless"`` for statistics combined
+    over a named axis (JAX cannot partially evaluate a conditional holding collectives of
+    a ``vmap`` axis: ``grad(jit(vmap(f, axis_name=...)))`` would fail)."""
+    if vmapped or (statistics == "auto" and named_axis):
+        return "branchless"
+    return statistics
+
+
 def resolved(statistics: str, fn, *args):
     """``fn(*args, statistics=path)``, ``path`` ``"checked"`` or ``"branchless"``.
 
