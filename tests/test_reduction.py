@@ -60,11 +60,11 @@ def test_reduction_counts_sums_and_masks_match_numpy():
     mask = RNG.random((4, 5)) < 0.6
     red = Reduction((0, 1), expand_mask(jnp.asarray(mask), x.shape, (2,)))
     full = full_mask(mask, x.shape, 2)
-    count = red.local_count(x.shape, jnp.float32)
+    count = red.local_n(x.shape, jnp.float32)
     # A mask without a feature axis counts the same for every feature (kept size 1).
     np.testing.assert_array_equal(np.broadcast_to(count, (1, 1, 3)).ravel(), full.sum((0, 1)))
     (s,) = red.sums(jnp.asarray(x))
     np.testing.assert_allclose(np.ravel(s), np.where(full, x, 0).sum((0, 1)), rtol=1e-6)
     (m,) = red.masked(jnp.asarray(x))
     np.testing.assert_array_equal(m, np.where(full, x, 0))
-    assert Reduction((0,)).local_count((6, 2), jnp.float32) == 6
+    assert Reduction((0,)).local_n((6, 2), jnp.float32) == 6

@@ -280,7 +280,7 @@ def exact_moments(x, red: Reduction) -> Moments:
     pass two: :func:`centred_moments` around ``pivot``.
     """
     acc = accumulation_dtype(x.dtype)
-    local = red.local_count(x.shape, acc)
+    local = red.local_n(x.shape, acc)
     n = red.psum(local)
     x0 = _shift_element(x, red, acc)
     inv_n = 1 / jnp.maximum(n, 1)
@@ -314,7 +314,7 @@ def checked_moments(x, red: Reduction) -> Moments:
     to memory in full and read back.
     """
     acc = accumulation_dtype(x.dtype)
-    n = red.psum(red.local_count(x.shape, acc))
+    n = red.psum(red.local_n(x.shape, acc))
     (x1,), (x2, _) = barrier_copies(x, acc), barrier_copies(x, acc, n)
     s1 = jnp.sum(x1, axis=red.axes, keepdims=True)
     s2 = jnp.sum(x2 * x2, axis=red.axes, keepdims=True)

@@ -130,7 +130,7 @@ def _train_fwd(spec, x, params, mask, running, statistics):
 
 
 def _sum_g_xhat(spec, statistics, x, g, mask, *, mom, inv, g_sum):
-    """``sum(g * xhat)`` per feature, ``xhat = ((x - pivot) - delta) * inv``: the backward's
+    """``sum(g * xhat)`` per feature, ``xhat = (x - mean) * inv``: the backward's
     one reduction of ``x``. The checked statistics take the plain form where the moments
     are well conditioned (cheaper on XLA:CPU, and needing ``g_sum = sum(g)``), the
     centred form otherwise."""
@@ -141,9 +141,9 @@ def _sum_g_xhat(spec, statistics, x, g, mask, *, mom, inv, g_sum):
         # Private copies of the inputs and shifts: sharing ``xhat`` (or, for bfloat16,
         # the float32 conversions of ``x`` and ``g``) with ``g_sum`` and ``dx`` would make
         # XLA:CPU write it to memory and read it back.
-        xb, gb, pivot, delta = lax.optimization_barrier((x, g, mom.pivot, mom.delta))
+        xb, gb, *shifts = lax.optimization_barrier((x, g, *mom.rounded_shift()))
         gb = gb.astype(acc)
-        gxc = gb * (((xb.astype(acc) - pivot) - delta) * inv)
+        gxc = gb * (((xb.astype(acc) - shifts[0]) - shifts[1]) * inv)
         if mask is not None:
             # An output with a zero cotangent adds nothing, even where it is NaN: a
             # masked-out NaN or Inf input (padding) must not turn ``0 * NaN`` into NaN

@@ -146,7 +146,7 @@ class Reduction(NamedTuple):
                 f"axis_index_groups. ({type(e).__name__}: {str(e) or 'no message'})"
             ) from e
 
-    def local_count(self, x_shape, dtype):
+    def local_n(self, x_shape, dtype):
         """Counted elements per feature on this device: a constant without mask."""
         full = math.prod(x_shape[a] for a in self.axes)
         if self.mask is None:
