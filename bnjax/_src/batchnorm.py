@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from bnjax._src import checks as runtime_checks
 from bnjax._src import ghost, marks
 from bnjax._src import validation as v
-from bnjax._src.moments import STATISTICS, accumulation_dtype, batch_moments, path, resolved
+from bnjax._src.moments import STATISTICS, accumulation_dtype, batch_moments, path
 from bnjax._src.normalize import Spec, affine_pass, multiplier, train_normalize
 from bnjax._src.reduction import Reduction, expand_mask
 from bnjax._src.renorm import Renorm
@@ -223,7 +223,8 @@ class BatchNorm:
         update_stats = update_stats and x.size > 0  # an empty batch teaches nothing
         chunked = training and self.virtual_batch_size is not None
         if training and x.size:
-            y, moments = resolved(*self._training_pass(params, state.running, x, mask, axes))
+            normalize, args = self._training_pass(params, state.running, x, mask, axes)
+            y, moments = normalize(*args)
         else:
             y = self._inference(params, state.running, x, axes)
             red = Reduction(axes, mask, self.axis_name, self.axis_index_groups)
@@ -265,8 +266,7 @@ class BatchNorm:
         return x, mask, axes
 
     def _training_pass(self, params, running, x, mask, axes):
-        """The arguments of ``moments.resolved`` for a training pass: the statistics
-        setting, the pass (plain or in virtual batches) and its operands."""
+        """The training pass (in virtual batches where configured) and its operands."""
         spec = Spec(
             reduce_axes=axes,
             epsilon=float(self.epsilon),
@@ -285,15 +285,13 @@ class BatchNorm:
             var=self._as_seen(jnp.reshape(running.var, keep), x),
             count=running.count if self.renorm is not None else None,
         )
-        operands = (x, params, mask, seen)
         chunked = self.virtual_batch_size is not None
         statistics = path(self.statistics, named_axis=self.axis_name is not None, vmapped=chunked)
-        if not chunked:
-            return (statistics, functools.partial(train_normalize, spec), *operands)
-        chunks = functools.partial(
-            ghost.ghost_normalize, spec, virtual_batch_size=self.virtual_batch_size
-        )
-        return (statistics, chunks, *operands)
+        args = (x, params, mask, seen, statistics)
+        if chunked:
+            k = self.virtual_batch_size
+            return functools.partial(ghost.ghost_normalize, spec, virtual_batch_size=k), args
+        return functools.partial(train_normalize, spec), args
 
     def _warn_if_one_element(self, x_shape, reduce_axes):
         """Warns when every (virtual) batch holds one element per feature: y equals bias."""

@@ -52,7 +52,7 @@ def _chunked(a, n):
     return a.reshape((n, a.shape[0] // n) + a.shape[1:])
 
 
-def ghost_normalize(spec, x, params, mask, running, *, virtual_batch_size, statistics):
+def ghost_normalize(spec, x, params, mask, running, statistics, *, virtual_batch_size):
     """Normalizes every chunk of ``virtual_batch_size`` rows of ``x`` with its own statistics.
 
     Args:

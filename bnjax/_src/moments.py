@@ -137,22 +137,23 @@ def path(statistics: str, *, named_axis: bool, vmapped: bool = False) -> str:
     return statistics
 
 
-def resolved(statistics: str, fn, *args):
-    """``fn(*args, statistics=path)``, ``path`` ``"checked"`` or ``"branchless"``.
+def resolved(statistics: str, args, *, checked, branchless):
+    """``checked(*args)`` or ``branchless(*args)``, as ``statistics`` says.
 
-    The one place a statistics path is chosen. ``"auto"``: run op by op, the arrays'
-    platform decides (:func:`eager_choice`); traced, the platform the program is lowered
-    for (``lax.platform_dependent``: a program lowered for one platform holds only its
-    branch, so the GPU and TPU programs have no conditional).
+    The one rule that turns ``"auto"`` into a path: run op by op, the arrays' platform
+    decides (:func:`eager_choice`); traced, the platform the program is lowered for
+    (``lax.platform_dependent``: a program lowered for one platform holds only its branch,
+    so the GPU and TPU programs have no conditional). The training pass's forward
+    (:func:`batch_moments`) and backward each apply it inside the ``custom_vjp``: a choice
+    made around it would be differentiated, and its index, kept for the backward, would
+    be a conditional's operand in the GPU program of ``jax.grad(jax.jit(f))``.
     """
     path = eager_choice(args) if statistics == "auto" else statistics
-    if path != "auto":
-        return fn(*args, statistics=path)
-    return lax.platform_dependent(
-        *args,
-        cpu=functools.partial(fn, statistics="checked"),
-        default=functools.partial(fn, statistics="branchless"),
-    )
+    if path == "checked":
+        return checked(*args)
+    if path == "branchless":
+        return branchless(*args)
+    return lax.platform_dependent(*args, cpu=checked, default=branchless)
 
 
 def eager_choice(arrays) -> str:
@@ -188,14 +189,12 @@ def batch_moments(x, red: Reduction, *, statistics: str = "auto") -> Moments:
       :class:`Moments` in keep-dims shape. Features with no counted element get n 0,
       pivot and delta 0 and variance 0.
     """
-    if statistics == "auto":  # ``red``'s axes stay static: only its mask is an operand
-        with_mask = lambda x, m, statistics: batch_moments(  # noqa: E731
-            x, red._replace(mask=m), statistics=statistics
-        )
-        return resolved(statistics, with_mask, x, red.mask)
-    if statistics == "checked" and red.mask is None:
-        return checked_moments(x, red)
-    return exact_moments(x, red)
+    if red.mask is not None:  # a masked plain sum is no cheaper than the exact pass
+        return exact_moments(x, red)
+    checked = functools.partial(checked_moments, red=red)
+    return resolved(
+        statistics, (x,), checked=checked, branchless=functools.partial(exact_moments, red=red)
+    )
 
 
 def _first(a, axes):
@@ -290,7 +289,8 @@ def exact_moments(x, red: Reduction) -> Moments:
     s = jnp.sum(masked[0], axis=red.axes, keepdims=True)
     far = jnp.max(masked[1], axis=red.axes, keepdims=True)
     pivot = red.psum(s + x0 * (local * inv_n))
-    bound = red.pmax(far + jnp.abs(x0 - pivot))
+    # The bound only picks a power of two: no tangent (and pmax has no derivative rule).
+    bound = red.pmax(lax.stop_gradient(far + jnp.abs(x0 - pivot)))
     return centred_moments(x, red, n, pivot, bound)
 
 

@@ -18,7 +18,13 @@ import jax.numpy as jnp
 from jax import lax
 
 from bnjax._src import renorm
-from bnjax._src.moments import accumulation_dtype, batch_moments, is_concrete, well_conditioned
+from bnjax._src.moments import (
+    accumulation_dtype,
+    batch_moments,
+    is_concrete,
+    resolved,
+    well_conditioned,
+)
 from bnjax._src.reduction import Reduction
 from bnjax._src.types import BatchNormParams
 
@@ -109,7 +115,8 @@ def train_normalize(spec: Spec, x, params, mask, running, statistics="branchless
         features with no counted element and batch renormalization (``spec.renorm``,
         whose limits follow its ``count``: the output becomes ``xhat * (r * scale) +
         (d * scale + bias)``, ``r`` and ``d`` without gradient); they get no gradient.
-      statistics: ``"checked"`` or ``"branchless"`` (resolved by ``moments.resolved``).
+      statistics: ``"checked"``, ``"branchless"`` or ``"auto"`` (``moments.resolved``
+        turns it into a path in the forward and the backward pass alike).
 
     Returns:
       ``(y, moments)``: the output in ``spec.out_dtype`` and the batch ``Moments``.
@@ -137,7 +144,7 @@ def _sum_g_xhat(spec, statistics, x, g, mask, *, mom, inv, g_sum):
     acc = accumulation_dtype(x.dtype)
     axes = spec.reduce_axes
 
-    def centred():
+    def centred(x, g):
         # Private copies of the inputs and shifts: sharing ``xhat`` (or, for bfloat16,
         # the float32 conversions of ``x`` and ``g``) with ``g_sum`` and ``dx`` would make
         # XLA:CPU write it to memory and read it back.
@@ -152,19 +159,22 @@ def _sum_g_xhat(spec, statistics, x, g, mask, *, mom, inv, g_sum):
             gxc = jnp.where(gb == 0, 0, gxc)
         return jnp.sum(gxc, axis=axes, keepdims=True)
 
-    def plain():
+    def plain(x, g):
         # ``(sum(g * x) - mean * sum(g)) * inv``: for well-conditioned moments the
         # difference loses at most a bit or two.
         xb, gb = lax.optimization_barrier((x, g))
         gx = jnp.sum(gb.astype(acc) * xb.astype(acc), axis=axes, keepdims=True)
         return (gx - mom.mean * g_sum) * inv
 
-    if statistics == "branchless" or mask is not None:
-        return centred()
-    pick = well_conditioned(mom)
-    if is_concrete(pick):  # run op by op: no conditional to compile at every call
-        return plain() if pick else centred()
-    return lax.cond(pick, plain, centred)
+    def checked(x, g):
+        pick = well_conditioned(mom)
+        if is_concrete(pick):  # run op by op: no conditional to compile at every call
+            return plain(x, g) if pick else centred(x, g)
+        return lax.cond(pick, plain, centred, x, g)
+
+    if mask is not None:  # a masked plain sum is no cheaper: the centred form
+        return centred(x, g)
+    return resolved(statistics, (x, g), checked=checked, branchless=centred)
 
 
 def _train_bwd(spec, statistics, res, cotangents):
