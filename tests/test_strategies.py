@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 import bnjax
 from bnjax._src.batchnorm import OneElementWarning
 from bnjax._src.reduction import expand_mask
-from bnjax._src.strategies import _SEEDS, Inputs, _masks, _values, configs, inputs, states
+from bnjax._src.strategies import SEEDS, Inputs, configs, inputs, masks, states, values
 from bnjax._src.validation import feature_axes
 
 # Each example of an applying property compiles apply for a new configuration and shape.
@@ -287,7 +287,7 @@ def test_values_reach_both_signs_and_every_size_of_offset_and_spread(dtype):
     worst = 0.0
     top = MAX_RATIO[dtype]
     low, high = SPREAD_EXPONENTS[dtype]
-    for x in _draws(_values((16, 3), (1,), jnp.dtype(dtype)), 200):
+    for x in _draws(values((16, 3), (1,), jnp.dtype(dtype)), 200):
         for f in np.asarray(x, np.float64).T:
             width, mean = f.max() - f.min(), f.mean()
             if width == 0:
@@ -313,7 +313,7 @@ def test_values_reach_both_signs_and_every_size_of_offset_and_spread(dtype):
 def test_masks_draw_every_density():
     """All False, about half, about 80% (most examples kept), all True."""
     seen = set()
-    for mask in _draws(_masks((8, 8), (1,)), 200):
+    for mask in _draws(masks((8, 8), (1,)), 200):
         if mask is not None and mask.size >= 32:
             share = float(np.mean(np.asarray(mask)))
             seen.add(min((0.0, 0.5, 0.8, 1.0), key=lambda d: abs(d - share)))
@@ -341,6 +341,6 @@ def test_states_advance_the_count_and_draw_params_of_either_sign():
 def test_noise_seeds_span_32_bits():
     """The numpy noise of values, masks and parameters comes from one seed per draw: a
     narrow seed range would repeat the same noise across examples."""
-    seeds = set(_draws(_SEEDS, 100))
+    seeds = set(_draws(SEEDS, 100))
     assert min(seeds) >= 0 and max(seeds) >= 2**24 and len(seeds) > 64
     np.random.default_rng(2**32 - 1)  # the largest is a seed numpy takes

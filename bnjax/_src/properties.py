@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import functools
 import numbers
+import operator
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from bnjax._src import validation as v
 
 __all__ = [
     "assert_eval_is_pure",
@@ -37,10 +39,8 @@ __all__ = [
     "assert_vmap_matches_loop",
 ]
 
-ModelApply = Callable[..., tuple[Any, Any]]
 
-
-def assert_eval_is_pure(model_apply: ModelApply, params, state, x) -> None:
+def assert_eval_is_pure(model_apply: Callable, params, state, x) -> None:
     """Inference leaves the state as it was and gives the same output twice.
 
     Calls ``model_apply(params, state, x, training=False)`` twice: the returned state
@@ -57,24 +57,17 @@ def assert_eval_is_pure(model_apply: ModelApply, params, state, x) -> None:
       AssertionError: the state changed, or the two outputs differ.
       TypeError: ``model_apply`` is not callable or does not return a pair.
     """
-    _check_callable(model_apply)
-    y, new_state = _call(model_apply, (params, state, x), training=False)
-    again, _ = _call(model_apply, (params, state, x), training=False)
+    _check_args(model_apply)
+    y, new_state = _call(model_apply, params, state, x, training=False)
+    again, _ = _call(model_apply, params, state, x, training=False)
     prop = "assert_eval_is_pure (training=False must return the state unchanged)"
-    _assert_trees_match(new_state, state, prop=prop, names=("new_state", "state"))
+    _assert_trees_match(new_state, state, prop, "new_state", "state")
     prop = "assert_eval_is_pure (training=False must give the same output every call)"
-    _assert_trees_match(again, y, prop=prop, names=("y of the second call", "y of the first"))
+    _assert_trees_match(again, y, prop, "y of the second call", "y of the first")
 
 
 def assert_jit_matches_eager(
-    model_apply: ModelApply,
-    params,
-    state,
-    x,
-    *,
-    training: bool,
-    rtol: float = 1e-5,
-    atol: float = 1e-6,
+    model_apply: Callable, params, state, x, *, training: bool, rtol=1e-5, atol=1e-6
 ) -> None:
     """``jax.jit(model_apply)`` gives the output and new state of the eager call.
 
@@ -94,31 +87,18 @@ def assert_jit_matches_eager(
         is not a bool, or a tolerance is not a real number.
       ValueError: a tolerance is negative or not finite.
     """
-    _check_callable(model_apply)
-    _check_bool("training", training)
-    tol = _tolerance(rtol, atol)
-    eager = _call(model_apply, (params, state, x), training=training)
+    tol = _check_args(model_apply, training, rtol, atol)
+    eager = _call(model_apply, params, state, x, training=training)
     # jit of model_apply itself (not of a closure): jax reuses the compiled program on
     # the next call with the same model and shapes.
-    jitted = _pair(
-        jax.jit(model_apply, static_argnames="training")(params, state, x, training=training)
-    )
+    jitted = jax.jit(model_apply, static_argnames="training")
+    jitted = _call(jitted, params, state, x, training=training)
     prop = f"assert_jit_matches_eager (training={training})"
-    _assert_trees_match(jitted[0], eager[0], prop=prop, names=("jitted y", "eager y"), tol=tol)
-    _assert_trees_match(
-        jitted[1], eager[1], prop=prop, names=("jitted new_state", "eager new_state"), tol=tol
-    )
+    _assert_outputs_match(jitted, eager, prop, "jitted", "eager", tol=tol)
 
 
 def assert_vmap_matches_loop(
-    model_apply: ModelApply,
-    params,
-    state,
-    xs,
-    *,
-    training: bool,
-    rtol: float = 1e-5,
-    atol: float = 1e-6,
+    model_apply: Callable, params, state, xs, *, training: bool, rtol=1e-5, atol=1e-6
 ) -> None:
     """``jax.vmap`` over a stack of batches gives what a Python loop over them gives.
 
@@ -144,29 +124,17 @@ def assert_vmap_matches_loop(
       ValueError: ``xs`` has no leaves, a leaf without a leading axis, or leading axes of
         different or zero sizes; or a tolerance is negative or not finite.
     """
-    _check_callable(model_apply)
-    _check_bool("training", training)
-    tol = _tolerance(rtol, atol)
-    n = _leading_size(xs)
-
-    def run(params, state, x):
-        return _call(model_apply, (params, state, x), training=training)
-
-    looped = _stack([run(params, state, _batch(xs, i)) for i in range(n)], "looped calls")
+    tol = _check_args(model_apply, training, rtol, atol)
+    run = functools.partial(_call, model_apply, training=training)
+    batches = _batches(xs)
+    looped = _stack([run(params, state, x) for x in batches])
     mapped = jax.vmap(run, in_axes=(None, None, 0))(params, state, xs)
-    prop = f"assert_vmap_matches_loop (training={training}, {n} batches)"
-    _assert_stacks_match(mapped, looped, prop=prop, how="vmapped", tol=tol)
+    prop = f"assert_vmap_matches_loop (training={training}, {len(batches)} batches)"
+    _assert_outputs_match(mapped, looped, prop, "vmapped", tol=tol, stacked=True)
 
 
 def assert_scan_matches_loop(
-    model_apply: ModelApply,
-    params,
-    state,
-    xs,
-    *,
-    training: bool,
-    rtol: float = 1e-5,
-    atol: float = 1e-6,
+    model_apply: Callable, params, state, xs, *, training: bool, rtol=1e-5, atol=1e-6
 ) -> None:
     """``jax.lax.scan`` threading the state through batches gives what a loop gives.
 
@@ -193,38 +161,27 @@ def assert_scan_matches_loop(
       ValueError: ``xs`` has no leaves, a leaf without a leading axis, or leading axes of
         different or zero sizes; or a tolerance is negative or not finite.
     """
-    _check_callable(model_apply)
-    _check_bool("training", training)
-    tol = _tolerance(rtol, atol)
-    n = _leading_size(xs)
-    prop = f"assert_scan_matches_loop (training={training}, {n} batches)"
-    ys, states, carry = [], [], state
-    for i in range(n):
-        y, carry = _call(model_apply, (params, carry, _batch(xs, i)), training=training)
+    tol = _check_args(model_apply, training, rtol, atol)
+    batches = _batches(xs)
+    prop = f"assert_scan_matches_loop (training={training}, {len(batches)} batches)"
+    looped, carry = [], state
+    for i, x in enumerate(batches):
+        y, carry = _call(model_apply, params, carry, x, training=training)
         _assert_same_carry(carry, state, prop=prop, step=i)
-        ys.append(y)
-        states.append(carry)
-    looped = _stack([(y, s) for y, s in zip(ys, states, strict=True)], "looped calls")
-
-    _, scanned = jax.lax.scan(_scan_step(model_apply, training), (params, state), xs)
-    _assert_stacks_match(scanned, looped, prop=prop, how="scanned", tol=tol)
-
-
-def _assert_stacks_match(got, looped, *, prop, how, tol) -> None:
-    """``(ys, states)`` stacked over batches by ``how`` against the loop's, leaf by leaf."""
-    for part, name in enumerate(("y", "new_state")):
-        names = (f"{how} {name}", f"looped {name}")
-        _assert_trees_match(got[part], looped[part], prop=prop, names=names, tol=tol, stacked=True)
+        looped.append((y, carry))
+    try:  # the same body for the same model: lax.scan reuses its trace
+        step = _scan_step(model_apply, training)
+    except TypeError:  # an unhashable callable: a fresh body each time
+        step = _scan_step.__wrapped__(model_apply, training)
+    _, scanned = jax.lax.scan(step, (params, state), xs)
+    _assert_outputs_match(scanned, _stack(looped), prop, "scanned", tol=tol, stacked=True)
 
 
 # -- calling the model ------------------------------------------------------------------
 
 
-def _call(model_apply, args, *, training):
-    return _pair(model_apply(*args, training=training))
-
-
-def _pair(out):
+def _call(model_apply, params, state, x, *, training):
+    out = model_apply(params, state, x, training=training)
     if not (isinstance(out, (tuple, list)) and len(out) == 2):
         size = f" of length {len(out)}" if isinstance(out, (tuple, list)) else ""
         raise TypeError(
@@ -234,61 +191,54 @@ def _pair(out):
 
 
 @functools.lru_cache(maxsize=64)
-def _cached_scan_step(model_apply, training: bool):
-    return _make_scan_step(model_apply, training)
-
-
 def _scan_step(model_apply, training: bool):
-    """The scan body for ``model_apply``, the same function object for the same model, so
+    """The scan body for ``model_apply``: the same function object for the same model, so
     that ``lax.scan`` reuses its trace on the next call with the same shapes."""
-    try:
-        return _cached_scan_step(model_apply, training)
-    except TypeError:  # an unhashable callable: a fresh body each time
-        return _make_scan_step(model_apply, training)
 
-
-def _make_scan_step(model_apply, training: bool):
     def step(carry, x):
         params, state = carry
-        y, new = _call(model_apply, (params, state, x), training=training)
+        y, new = _call(model_apply, params, state, x, training=training)
         return (params, new), (y, new)
 
     return step
 
 
-def _batch(xs, i: int):
-    return jax.tree.map(lambda leaf: leaf[i], xs)
-
-
-def _stack(results, what: str):
+def _stack(results):
     """Per-call pytrees stacked leaf by leaf on a new leading axis (one per call)."""
-    first = jax.tree.structure(results[0])
-    for i, result in enumerate(results[1:], 1):
-        if jax.tree.structure(result) != first:
-            raise AssertionError(
-                f"the {what} returned different tree structures: call 0 gave {first}, "
-                f"call {i} gave {jax.tree.structure(result)}"
-            )
-    return jax.tree.map(lambda *leaves: np.stack([np.asarray(a) for a in leaves]), *results)
+    mismatch = "the looped calls returned different tree structures: call 0 gave {want}, "
+    for i, result in enumerate(results):
+        _leaf_pairs(result, results[0], mismatch + "call {i} gave {got}", i=i)
+    return jax.tree.map(lambda *leaves: np.stack(leaves), *results)
 
 
 # -- comparing --------------------------------------------------------------------------
 
 
+def _leaf_pairs(got, want, mismatch: str, **fields) -> list:
+    """``(keystr path, got leaf, want leaf)`` for each leaf of two pytrees of one structure.
+
+    Raises:
+      AssertionError: the structures differ; ``mismatch`` formatted with ``got`` and
+        ``want`` (the two structures) and ``fields``.
+    """
+    got_tree, want_tree = jax.tree.structure(got), jax.tree.structure(want)
+    if got_tree != want_tree:
+        raise AssertionError(mismatch.format(got=got_tree, want=want_tree, **fields))
+    paths = jax.tree_util.tree_flatten_with_path(want)[0]
+    leaves = zip(paths, jax.tree.leaves(got), strict=True)
+    return [(jax.tree_util.keystr(path), g, w) for (path, w), g in leaves]
+
+
 def _assert_same_carry(new_state, state, *, prop: str, step: int) -> None:
     """``new_state`` has the structure, shapes and dtypes of ``state`` (scan's carry)."""
-    want, got = jax.tree.structure(state), jax.tree.structure(new_state)
-    if got != want:
-        raise AssertionError(
-            f"{prop}: a scan carries the state, so new_state must keep its tree structure; "
-            f"batch {step} returned {got}, the state was {want}"
-        )
-    paths = jax.tree_util.tree_flatten_with_path(state)[0]
-    for (path, old), new in zip(paths, jax.tree.leaves(new_state), strict=True):
+    mismatch = (
+        "{prop}: a scan carries the state, so new_state must keep its tree structure; "
+        "batch {step} returned {got}, the state was {want}"
+    )
+    for key, new, old in _leaf_pairs(new_state, state, mismatch, prop=prop, step=step):
         old_type = (jnp.shape(old), jnp.result_type(old))
         new_type = (jnp.shape(new), jnp.result_type(new))
         if old_type != new_type:
-            key = jax.tree_util.keystr(path)
             raise AssertionError(
                 f"{prop}: a scan carries the state, so every leaf must keep its shape and "
                 f"dtype; after batch {step} new_state{key} has shape {new_type[0]} and dtype "
@@ -296,62 +246,53 @@ def _assert_same_carry(new_state, state, *, prop: str, step: int) -> None:
             )
 
 
-def _assert_trees_match(got, want, *, prop, names, tol=None, stacked=False) -> None:
+def _assert_outputs_match(got, want, prop, got_how, want_how="looped", *, tol, stacked=False):
+    """The ``(y, new_state)`` of two ways of running the model, named ``got_how`` and
+    ``want_how``; ``stacked``: over the batches of ``xs``."""
+    for part, name in enumerate(("y", "new_state")):
+        names = (f"{got_how} {name}", f"{want_how} {name}")
+        _assert_trees_match(got[part], want[part], prop, *names, tol=tol, stacked=stacked)
+
+
+def _assert_trees_match(got, want, prop, got_name, want_name, *, tol=None, stacked=False):
     """Leaf-by-leaf comparison of two pytrees, exact when ``tol`` is None.
 
     Args:
       got: the pytree under test.
       want: the pytree it must equal.
       prop: the property, first in the message.
-      names: how to call ``got`` and ``want`` in the message.
+      got_name: how to call ``got`` in the message.
+      want_name: how to call ``want`` in the message.
       tol: ``(rtol, atol)`` for floating leaves, or None for exact equality.
       stacked: the leaves have a leading axis of batches, named in the message.
     """
-    got_name, want_name = names
-    got_tree, want_tree = jax.tree.structure(got), jax.tree.structure(want)
-    if got_tree != want_tree:
-        raise AssertionError(
-            f"{prop}: {got_name} has tree structure {got_tree}, {want_name} has {want_tree}"
-        )
-    paths = jax.tree_util.tree_flatten_with_path(want)[0]
-    for (path, w), g in zip(paths, jax.tree.leaves(got), strict=True):
-        key = jax.tree_util.keystr(path)
-        problem = _leaf_difference(
-            np.asarray(g), np.asarray(w), tol=tol, stacked=stacked, want_name=want_name + key
-        )
+    mismatch = f"{prop}: {got_name} has tree structure {{got}}, {want_name} has {{want}}"
+    for key, g, w in _leaf_pairs(got, want, mismatch):
+        problem = _leaf_difference(np.asarray(g), np.asarray(w), tol, stacked, want_name + key)
         if problem:
             raise AssertionError(f"{prop}: {got_name}{key} vs {want_name}{key}: {problem}")
 
 
-def _leaf_difference(
-    got: np.ndarray, want: np.ndarray, *, tol, stacked: bool, want_name: str
-) -> str:
+def _leaf_difference(got: np.ndarray, want: np.ndarray, tol, stacked: bool, want_name: str) -> str:
     """What differs between two leaves, or ``""``."""
     if got.shape != want.shape:
         return f"shapes differ, {got.shape} vs {want.shape}"
     if got.dtype != want.dtype:
         return f"dtypes differ, {got.dtype} vs {want.dtype}"
-    if not jnp.issubdtype(got.dtype, jnp.inexact):
-        bad = got != want
-        distance = np.where(bad, 1.0, 0.0)
-    else:
-        wide = np.complex128 if jnp.issubdtype(got.dtype, jnp.complexfloating) else np.float64
-        g, w = got.astype(wide), want.astype(wide)
-        same = (g == w) | (np.isnan(g) & np.isnan(w))  # inf == inf, NaN where NaN
-        with np.errstate(invalid="ignore"):  # inf - inf: NaN, ranked as infinite below
-            distance = np.abs(g - w)
-        bad = ~same
-        if tol is not None:
-            rtol, atol = tol
-            bad &= ~(distance <= atol + rtol * np.abs(w))
-        distance = np.where(np.isnan(distance), np.inf, distance)
+    wide = np.complex128 if jnp.issubdtype(got.dtype, jnp.complexfloating) else np.float64
+    g, w = got.astype(wide), want.astype(wide)
+    bad = (got != want) & ~(np.isnan(g) & np.isnan(w))  # inf == inf, NaN where NaN
+    with np.errstate(invalid="ignore"):  # inf - inf: NaN, ranked as infinite
+        distance = np.abs(g - w)
+    distance = np.where(np.isnan(distance), np.inf, distance)
+    if tol is not None and jnp.issubdtype(got.dtype, jnp.inexact):  # integers: exactly
+        bad &= ~(distance <= tol[1] + tol[0] * np.abs(w))
     if not bad.any():
         return ""
     at = np.unravel_index(np.argmax(np.where(bad, distance, -1.0)), got.shape)
     where = f" (batch {at[0]} of xs)" if stacked and at else ""
-    if tol is None:
-        limit = " (compared exactly)"
-    else:
+    limit = " (compared exactly)"
+    if tol is not None:
         limit = f" by more than atol={tol[1]} + rtol={tol[0]} * |{want_name}|"
     return (
         f"{int(bad.sum())} of {bad.size} elements differ{limit}; the largest difference is "
@@ -363,20 +304,14 @@ def _leaf_difference(
 # -- arguments --------------------------------------------------------------------------
 
 
-def _check_callable(model_apply) -> None:
+def _check_args(model_apply, training=False, rtol=0.0, atol=0.0) -> tuple[float, float]:
+    """Checks the arguments the helpers share; returns ``(rtol, atol)`` as floats."""
     if not callable(model_apply):
         raise TypeError(
             "model_apply must be callable as model_apply(params, state, x, *, training) -> "
             f"(y, new_state); got {model_apply!r} ({type(model_apply).__name__})"
         )
-
-
-def _check_bool(name: str, value) -> None:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a Python bool; got {value!r} ({type(value).__name__})")
-
-
-def _tolerance(rtol, atol) -> tuple[float, float]:
+    v.check_bool("training", training)
     for name, value in (("rtol", rtol), ("atol", atol)):
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"{name} must be a real number; got {value!r} ({type(value).__name__})")
@@ -385,8 +320,8 @@ def _tolerance(rtol, atol) -> tuple[float, float]:
     return float(rtol), float(atol)
 
 
-def _leading_size(xs) -> int:
-    """The common size of the leading axis of every leaf of ``xs``, at least 1."""
+def _batches(xs) -> list:
+    """``[xs[0], xs[1], ...]``, each leaf indexed on its leading axis, of one size n >= 1."""
     leaves = jax.tree_util.tree_flatten_with_path(xs)[0]
     if not leaves:
         raise ValueError(
@@ -395,22 +330,20 @@ def _leading_size(xs) -> int:
         )
     sizes = {}
     for path, leaf in leaves:
-        shape = jnp.shape(leaf)
-        if not shape:
+        if not jnp.shape(leaf):
             raise ValueError(
                 f"xs{jax.tree_util.keystr(path)} has shape (); expected a leading axis of "
                 "batches, shape (n, *batch_shape)"
             )
-        sizes[jax.tree_util.keystr(path)] = shape[0]
+        sizes[jax.tree_util.keystr(path)] = jnp.shape(leaf)[0]
     if len(set(sizes.values())) > 1:
         raise ValueError(
             f"the leaves of xs have leading axes of different sizes {sizes}; expected one "
             "number of batches n for every leaf"
         )
-    (n,) = set(sizes.values())
-    if n == 0:
+    shape = jnp.shape(leaves[0][1])
+    if shape[0] == 0:
         raise ValueError(
-            f"xs has a leading axis of size 0 (shape {jnp.shape(leaves[0][1])}); expected at "
-            "least one batch"
+            f"xs has a leading axis of size 0 (shape {shape}); expected at least one batch"
         )
-    return int(n)
+    return [jax.tree.map(operator.itemgetter(i), xs) for i in range(shape[0])]

@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
-import numbers
 import warnings
 from typing import Any, NamedTuple
 
@@ -49,29 +47,43 @@ from bnjax._src.types import BatchNormParams, BatchNormState
 
 try:
     from hypothesis import strategies as st
-    from hypothesis.strategies import SearchStrategy
 except ImportError as e:
-    raise ImportError(
-        "bnjax.testing.strategies needs hypothesis: pip install 'bnjax[testing]'"
-    ) from e
+    _INSTALL = "bnjax.testing.strategies needs hypothesis: pip install 'bnjax[testing]'"
+    raise ImportError(_INSTALL) from e
 
 __all__ = ["Inputs", "configs", "inputs", "states"]
 
 # configs() draws axes that some input of rank <= _CONFIG_RANK fits: inputs()'s default.
 _CONFIG_RANK = 4
-# A fixed axis may need more dimensions than the drawn ones: search this far for a rank.
-_SEARCH_RANK = 16
-_VIRTUAL_BATCH_SIZES = (1, 2, 3)
 _FLOATS = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
-# Powers of ten of the spread, and the largest of |offset| / spread: every value stays
-# finite, and the offset still leaves a few significant digits of spread in the dtype.
-_SPREAD_EXPONENTS = {"float32": (-3, 3), "bfloat16": (-3, 3), "float16": (-2, 2)}
-_MAX_RATIO_EXPONENT = {"float32": 6, "bfloat16": 2, "float16": 2}
-_KINDS = ("normal", "uniform", "ties", "constant")
-_MASK_DENSITIES = (0.0, 0.5, 0.8, 1.0)
+# Per dtype, the powers of ten of the spread and the largest of |offset| / spread: every
+# value stays finite, and the offset still leaves a few significant digits of spread.
+_RANGES = {"float32": (-3, 3, 6), "bfloat16": (-3, 3, 2), "float16": (-2, 2, 2)}
+# The z of each kind of values, from numpy's generator.
+_NOISE = {
+    "normal": lambda rng, shape: np.clip(rng.standard_normal(shape), -4.0, 4.0),
+    "uniform": lambda rng, shape: rng.uniform(-1.7, 1.7, shape),
+    "ties": lambda rng, shape: rng.integers(-2, 3, shape).astype(np.float64),
+    "constant": lambda rng, shape: np.zeros(shape),
+}
 # Seeds of the numpy noise: hypothesis draws (and shrinks) one seed, numpy draws a whole
 # array from it, far faster than hypothesis drawing each element.
-_SEEDS = st.integers(0, 2**32 - 1)
+SEEDS = st.integers(0, 2**32 - 1)
+# Batch renormalization: limits at and above their smallest, short ramps.
+_LIMITS = {"rmax": st.just(1.0) | st.floats(1.0, 5.0), "dmax": st.just(0.0) | st.floats(0.0, 5.0)}
+_RENORMS = st.builds(Renorm, **_LIMITS, ramp_start=st.integers(0, 3), ramp_steps=st.integers(0, 3))
+# The BatchNorm fields that configs() draws on their own (axis follows virtual_batch_size).
+_FIELDS = {
+    "momentum": st.sampled_from((0.0, 0.9, 0.99, 1.0)) | st.floats(0.0, 1.0),
+    "epsilon": st.sampled_from((0.0, 1e-5, 1e-3)) | st.floats(1e-8, 10.0),
+    **dict.fromkeys(("center", "scale", "skip_nonfinite"), st.booleans()),
+    "averaging": st.sampled_from(v.AVERAGING),
+    "running_var": st.sampled_from(v.RUNNING_VAR),
+    "dtype": st.sampled_from((None, *_FLOATS)),
+    "param_dtype": st.sampled_from(_FLOATS),
+    "renorm": st.none() | _RENORMS,
+    "statistics": st.sampled_from(STATISTICS),
+}
 
 
 class Inputs(NamedTuple):
@@ -88,7 +100,7 @@ class Inputs(NamedTuple):
     mask: jax.Array | None
 
 
-def configs(**fixed: Any) -> SearchStrategy[BatchNorm]:
+def configs(**fixed: Any) -> st.SearchStrategy[BatchNorm]:
     """Valid ``BatchNorm`` configurations, covering every mode.
 
     The draws cover ``axis`` (ints and tuples, positive and negative, in any order),
@@ -137,46 +149,18 @@ def configs(**fixed: Any) -> SearchStrategy[BatchNorm]:
 
 @st.composite
 def _configs(draw, fixed: dict[str, Any]) -> BatchNorm:
-    def pick(name, strategy):
-        return fixed[name] if name in fixed else draw(strategy)
-
-    if "virtual_batch_size" in fixed:
-        vbs = fixed["virtual_batch_size"]
-    elif "axis" in fixed:
-        axis = v.as_axes(fixed["axis"])
-        # The sizes that fit an input as small as the axis allows (rank 4 at least).
-        bound = max((_CONFIG_RANK, *_fitting_ranks(axis, None, _SEARCH_RANK)[:1]))
-        fitting = [k for k in _VIRTUAL_BATCH_SIZES if _fitting_ranks(axis, k, bound)]
-        vbs = draw(st.sampled_from((None, None, *fitting)))
-    else:
-        vbs = draw(st.none() | st.sampled_from(_VIRTUAL_BATCH_SIZES))
-    drawn = {
-        "axis": pick("axis", _axes(vbs)),
-        "momentum": pick("momentum", st.sampled_from((0.0, 0.9, 0.99, 1.0)) | st.floats(0.0, 1.0)),
-        "epsilon": pick("epsilon", st.sampled_from((0.0, 1e-5, 1e-3)) | st.floats(1e-8, 10.0)),
-        "center": pick("center", st.booleans()),
-        "scale": pick("scale", st.booleans()),
-        "averaging": pick("averaging", st.sampled_from(v.AVERAGING)),
-        "running_var": pick("running_var", st.sampled_from(v.RUNNING_VAR)),
-        "skip_nonfinite": pick("skip_nonfinite", st.booleans()),
-        "dtype": pick("dtype", st.sampled_from((None, *_FLOATS))),
-        "param_dtype": pick("param_dtype", st.sampled_from(_FLOATS)),
-        "renorm": pick("renorm", st.none() | _renorms()),
-        "virtual_batch_size": vbs,
-        "statistics": pick("statistics", st.sampled_from(STATISTICS)),
-    }
-    return BatchNorm(**{**fixed, **drawn})
-
-
-def _renorms():
-    """Batch renormalization settings: limits at and above their smallest, short ramps."""
-    return st.builds(
-        Renorm,
-        rmax=st.just(1.0) | st.floats(1.0, 5.0),
-        dmax=st.just(0.0) | st.floats(0.0, 5.0),
-        ramp_start=st.integers(0, 3),
-        ramp_steps=st.integers(0, 3),
-    )
+    config = dict(fixed)
+    if "virtual_batch_size" not in fixed:
+        sizes = (1, 2, 3)
+        if "axis" in fixed:  # the sizes that fit an input as small as the axis allows
+            axis = v.as_axes(fixed["axis"])
+            # (rank 4 at least; a large axis may need more, searched up to rank 16)
+            bound = max((_CONFIG_RANK, *_fitting_ranks(axis, None, 16)[:1]))
+            sizes = [k for k in sizes if _fitting_ranks(axis, k, bound)]
+        config["virtual_batch_size"] = draw(st.sampled_from((None, None, *sizes)))
+    strategies = {"axis": _axes(config["virtual_batch_size"]), **_FIELDS}
+    config.update({name: draw(s) for name, s in strategies.items() if name not in fixed})
+    return BatchNorm(**config)
 
 
 @st.composite
@@ -193,28 +177,27 @@ def _axes(draw, vbs: int | None):
     most = rank - lowest + 1
     axes = draw(st.lists(st.sampled_from(allowed), min_size=1, max_size=most, unique=True))
     axes = [a - rank if draw(st.booleans()) else a for a in axes]
-    if len(axes) == 1 and draw(st.booleans()):
-        return axes[0]
-    return tuple(axes)
+    return axes[0] if len(axes) == 1 and draw(st.booleans()) else tuple(axes)
 
 
 def _fitting_ranks(axis, vbs: int | None, max_rank: int) -> tuple[int, ...]:
     """The ranks up to ``max_rank`` whose inputs ``axis`` and ``vbs`` fit, with a shape
     that has at least two elements per feature in each (virtual) batch."""
-    axes = (axis,) if isinstance(axis, numbers.Integral) else tuple(axis)
-    ranks = []
-    for rank in range(1, max_rank + 1):
-        if not all(-rank <= a < rank for a in axes):
-            continue
-        feat = {a % rank for a in axes}
-        reduced = [i for i in range(rank) if i not in feat]
-        needed = 2 if vbs == 1 else 1
-        if len(feat) == len(axes) and len(reduced) >= needed and (vbs is None or 0 in reduced):
-            ranks.append(rank)
-    return tuple(ranks)
+    return tuple(rank for rank in range(1, max_rank + 1) if _fits(axis, vbs, rank))
 
 
-def inputs(config: BatchNorm, *, max_rank: int = 4, max_side: int = 6) -> SearchStrategy[Inputs]:
+def _fits(axis, vbs: int | None, rank: int) -> bool:
+    """Whether inputs of ``rank`` dimensions fit ``axis`` and ``vbs`` (see above)."""
+    try:
+        feat = v.feature_axes(axis, rank, shape=())  # (the shape only names x in messages)
+    except ValueError:  # an axis out of range, or named twice
+        return False
+    # Reduced axes: two where a virtual batch of 1 would leave axis 0 alone; axis 0 among
+    # them when there are virtual batches.
+    return rank - len(feat) >= (2 if vbs == 1 else 1) and (vbs is None or 0 not in feat)
+
+
+def inputs(config: BatchNorm, *, max_rank: int = 4, max_side: int = 6) -> st.SearchStrategy[Inputs]:
     """Batches that ``config.apply`` accepts, in training and in inference.
 
     The shape has a rank in ``[2, max_rank]`` that ``config.axis`` fits, dimensions in
@@ -275,52 +258,39 @@ def inputs(config: BatchNorm, *, max_rank: int = 4, max_side: int = 6) -> Search
 
 @st.composite
 def _inputs(draw, config: BatchNorm, ranks: tuple[int, ...], max_side: int) -> Inputs:
-    shape = draw(_shapes(config, ranks, max_side))
-    feat = v.feature_axes(config.axis, len(shape), shape)
-    dtype = draw(st.sampled_from(_FLOATS))
-    x = draw(_values(shape, feat, dtype))
-    return Inputs(x=x, mask=draw(_masks(shape, feat)))
-
-
-@st.composite
-def _shapes(draw, config: BatchNorm, ranks: tuple[int, ...], max_side: int):
-    rank = draw(st.sampled_from(ranks))
     vbs = config.virtual_batch_size
-    dims = [draw(st.integers(1, max_side)) for _ in range(rank)]
+    dims = [draw(st.integers(1, max_side)) for _ in range(draw(st.sampled_from(ranks)))]
     if vbs is not None:
         dims[0] = vbs * draw(st.integers(1, max(1, max_side // vbs)))
-    feat = v.feature_axes(config.axis, rank, dims)
+    feat = v.feature_axes(config.axis, len(dims), dims)
     # Axis 0 counts vbs elements per virtual batch, the other reduced axes in full.
-    others = [i for i in range(rank) if i not in feat and (vbs is None or i != 0)]
-    per_batch = (vbs or 1) * math.prod(dims[i] for i in others)
-    if per_batch < 2:
+    others = [i for i in range(len(dims)) if i not in feat and (vbs is None or i != 0)]
+    if (vbs or 1) * np.prod([dims[i] for i in others]) < 2:
         # _fitting_ranks kept a reduced axis besides axis 0 wherever vbs alone is < 2.
         dims[others[0]] = 2
-    return tuple(dims)
+    shape = tuple(dims)
+    x = draw(values(shape, feat, draw(st.sampled_from(_FLOATS))))
+    return Inputs(x=x, mask=draw(masks(shape, feat)))
 
 
 @st.composite
-def _values(draw, shape: tuple[int, ...], feat: tuple[int, ...], dtype):
-    """``offset + spread * z`` in ``dtype``, finite; see :func:`inputs`."""
-    name = jnp.dtype(dtype).name
-    low, high = _SPREAD_EXPONENTS[name]
+def values(draw, shape: tuple[int, ...], feat: tuple[int, ...], dtype):
+    """Values for :func:`inputs`: ``offset + spread * z`` in ``dtype``, every one finite.
+
+    Args:
+      shape: the shape of the array.
+      feat: its feature axes (an offset may differ per feature).
+      dtype: float32, float16 or bfloat16.
+    """
+    low, high, most = _RANGES[jnp.dtype(dtype).name]
     spread = 10.0 ** draw(st.integers(low, high))
-    ratio = draw(st.none() | st.integers(0, _MAX_RATIO_EXPONENT[name]))
+    ratio = draw(st.none() | st.integers(0, most))
     offset = 0.0 if ratio is None else draw(st.sampled_from((1.0, -1.0))) * spread * 10.0**ratio
-    kind = draw(st.sampled_from(_KINDS))
-    per_feature = draw(st.booleans())
-    rng = np.random.default_rng(draw(_SEEDS))
-    if kind == "normal":
-        z = np.clip(rng.standard_normal(shape), -4.0, 4.0)
-    elif kind == "uniform":
-        z = rng.uniform(-1.7, 1.7, shape)
-    elif kind == "ties":
-        z = rng.integers(-2, 3, shape).astype(np.float64)
-    else:
-        z = np.zeros(shape)
-    if per_feature:
-        keep = tuple(d if i in feat else 1 for i, d in enumerate(shape))
-        offset = offset * rng.uniform(-1.0, 1.0, keep)
+    kind = draw(st.sampled_from(tuple(_NOISE)))
+    rng = np.random.default_rng(draw(SEEDS))
+    z = _NOISE[kind](rng, shape)
+    if draw(st.booleans()):  # the offset scaled per feature, in [-1, 1]
+        offset *= rng.uniform(-1.0, 1.0, [d if i in feat else 1 for i, d in enumerate(shape)])
     # Cast on the host: jnp operations on every new shape would each compile.
     x = (offset + spread * z).astype(jnp.dtype(dtype))
     assert np.isfinite(x).all(), "the value ranges must keep x finite"
@@ -328,44 +298,37 @@ def _values(draw, shape: tuple[int, ...], feat: tuple[int, ...], dtype):
 
 
 @functools.lru_cache(maxsize=1024)
-def _per_example_ranks(shape: tuple[int, ...], feat: tuple[int, ...]) -> tuple[int, ...]:
-    """The ranks ``k`` for which a mask of ``shape[:k]`` is read per example only."""
-    fits = []
-    for k in range(1, len(shape)):
-        probe = jax.ShapeDtypeStruct(shape[:k], jnp.bool_)
-        try:  # abstractly: expand_mask's own rule, without compiling a reshape
-            read = jax.eval_shape(lambda m: expand_mask(m, shape, feat), probe)
-        except ValueError:  # ambiguous: another reading fits too
-            continue
-        if read.shape == shape[:k] + (1,) * (len(shape) - k):
-            fits.append(k)
-    return tuple(fits)
+def _per_example(shape: tuple[int, ...], k: int, feat: tuple[int, ...]) -> bool:
+    """Whether a mask of ``shape[:k]`` is read per example, and only so."""
+    probe = jax.ShapeDtypeStruct(shape[:k], jnp.bool_)
+    try:  # abstractly: expand_mask's own rule, without compiling a reshape
+        read = jax.eval_shape(lambda m: expand_mask(m, shape, feat), probe)
+    except ValueError:  # ambiguous: another reading fits too
+        return False
+    return read.shape == shape[:k] + (1,) * (len(shape) - k)
 
 
 @st.composite
-def _masks(draw, shape: tuple[int, ...], feat: tuple[int, ...]):
-    kinds = ["none", "full", "broadcast"]
-    leading = _per_example_ranks(shape, feat)
-    if leading:
-        kinds.append("per_example")
-    kind = draw(st.sampled_from(kinds))
-    if kind == "none":
+def masks(draw, shape: tuple[int, ...], feat: tuple[int, ...]):
+    """Masks for :func:`inputs`: None, or a bool array that ``apply`` reads one way only.
+
+    Args:
+      shape: the shape of ``x``.
+      feat: its feature axes.
+    """
+    kinds = [st.none(), st.just(shape), st.tuples(*(st.sampled_from((d, 1)) for d in shape))]
+    leading = [shape[:k] for k in range(1, len(shape)) if _per_example(shape, k, feat)]
+    mask_shape = draw(st.one_of(kinds + ([st.sampled_from(leading)] if leading else [])))
+    if mask_shape is None:
         return None
-    if kind == "full":
-        mask_shape = shape
-    elif kind == "broadcast":
-        ones = draw(st.lists(st.booleans(), min_size=len(shape), max_size=len(shape)))
-        mask_shape = tuple(1 if one else d for d, one in zip(shape, ones, strict=True))
-    else:
-        mask_shape = shape[: draw(st.sampled_from(leading))]
-    density = draw(st.sampled_from(_MASK_DENSITIES))
-    rng = np.random.default_rng(draw(_SEEDS))
-    return jnp.asarray(rng.random(mask_shape) < density)
+    # Each flag True with probability 0, 1/2, 4/5 or 1.
+    density = draw(st.sampled_from((0.0, 0.5, 0.8, 1.0)))
+    return jnp.asarray(np.random.default_rng(draw(SEEDS)).random(mask_shape) < density)
 
 
 def states(
     config: BatchNorm, shape, *, max_updates: int = 5
-) -> SearchStrategy[tuple[BatchNormParams, BatchNormState]]:
+) -> st.SearchStrategy[tuple[BatchNormParams, BatchNormState]]:
     """Parameters and a running state after a few training updates.
 
     The parameters are those of ``config.init(shape)`` or random ones (scale around 1,
@@ -403,17 +366,15 @@ def states(
       >>> test_count()
     """
     _check_config(config)
-    if not (
-        isinstance(shape, (tuple, list))
-        and all(isinstance(d, numbers.Integral) and not isinstance(d, bool) for d in shape)
+    if not isinstance(shape, (tuple, list)) or any(
+        isinstance(d, bool) or not isinstance(d, (int, np.integer)) for d in shape
     ):
         raise TypeError(f"shape must be a tuple of ints; got {shape!r} ({type(shape).__name__})")
     shape = tuple(int(d) for d in shape)
     v.check_int("max_updates", max_updates, low=0)
     feat = v.feature_axes(config.axis, len(shape), shape)
     if config.virtual_batch_size is not None:
-        reduced = tuple(i for i in range(len(shape)) if i not in feat)
-        ghost.check_batch(config.virtual_batch_size, shape, reduced)
+        ghost.check_batch(config.virtual_batch_size, shape, set(range(len(shape))) - set(feat))
     return _states(config, shape, feat, max_updates)
 
 
@@ -421,14 +382,12 @@ def states(
 def _states(draw, config: BatchNorm, shape, feat, max_updates: int):
     params, state = config.init(shape)
     if draw(st.booleans()):
-        params = _random_params(config, params, draw(_SEEDS))
-    batch = _values(shape, feat, jnp.float32)
-    for _ in range(draw(st.integers(0, max_updates))):
-        x = draw(batch)
-        # The caller chose the shape; a one-element batch is still a valid update.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", OneElementWarning)
-            state = _train_update(config, params, state, x)
+        params = _random_params(params, draw(SEEDS))
+    # The caller chose the shape; a one-element batch is still a valid update.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", OneElementWarning)
+        for _ in range(draw(st.integers(0, max_updates))):
+            state = _train_update(config, params, state, draw(values(shape, feat, jnp.float32)))
     return params, state
 
 
@@ -439,19 +398,15 @@ def _train_update(config: BatchNorm, params, state, x):
     return config.apply(params, state, x, training=True)[1]
 
 
-def _random_params(config: BatchNorm, params: BatchNormParams, seed: int) -> BatchNormParams:
+def _random_params(params: BatchNormParams, seed: int) -> BatchNormParams:
+    """Each leaf 0.5 around its value, of either sign: ``init``'s ones and zeros become a
+    scale around 1 of either sign and a bias around 0."""
     rng = np.random.default_rng(seed)
-    dtype = config.param_dtype
 
-    def draw_like(leaf, loc):
-        if leaf is None:
-            return None
-        return jnp.asarray(rng.normal(loc, 0.5, leaf.shape), dtype)
+    def draw_like(p):
+        return jnp.asarray(rng.choice([1.0, -1.0], p.shape) * rng.normal(p, 0.5), p.dtype)
 
-    scale = draw_like(params.scale, 1.0)
-    if scale is not None:
-        scale = scale * jnp.asarray(rng.choice([1.0, -1.0], scale.shape), dtype)
-    return BatchNormParams(scale=scale, bias=draw_like(params.bias, 0.0))
+    return jax.tree.map(draw_like, params)
 
 
 def _check_config(config) -> None:
