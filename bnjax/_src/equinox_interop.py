@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bnjax._src.interop import as_array, as_count, as_pytrees, raw_average
+from bnjax._src.interop import as_count, as_pytrees, as_shaped, raw_average
 from bnjax._src.types import BatchNormParams, BatchNormState
 
 # The attribute naming the ``eqx.nn.State`` index of each layout's ``(mean, var)``.
@@ -158,18 +158,12 @@ def to_equinox(
         state = state.set(bn_module.ema_first_time_index, jnp.asarray(int(count) == 0))
     else:
         counter = _like(count, state.get(bn_module.batch_counter))
-        stats = tuple(_hidden(a, counter, bn_module.momentum) for a in stats)
+        momentum = float(bn_module.momentum)
+        # At counter 0 Equinox divides by 1, and raw_average gives each average back.
+        debias = functools.partial(_equinox_average, counter=counter, momentum=momentum)
+        stats = tuple(jnp.asarray(raw_average(np.asarray(a), debias)) for a in stats)
         state = state.set(bn_module.batch_counter, counter)
     return bn_module, state.set(index, stats)
-
-
-def _hidden(average, counter, momentum) -> jax.Array:
-    """The raw average that ``eqx.nn.BatchNorm(mode="batch")`` divides into ``average``; at
-    counter 0 Equinox divides by 1."""
-    if int(counter) == 0:
-        return average
-    debias = functools.partial(_equinox_average, counter=counter, momentum=float(momentum))
-    return jnp.asarray(raw_average(np.asarray(average), debias))
 
 
 def _like(count, old) -> jax.Array:
@@ -184,9 +178,4 @@ def _leaf(value, name: str, like) -> jax.Array:
     """``value`` as an array of ``like``'s shape and dtype, or a ValueError naming it."""
     if value is None:
         raise ValueError(f"{name} is None; expected an array of shape {like.shape}")
-    value = as_array(value, name)
-    if value.shape != like.shape:
-        raise ValueError(
-            f"{name} has shape {value.shape}; expected {like.shape}, the layer's input_size"
-        )
-    return value.astype(like.dtype)
+    return as_shaped(value, name, like.shape, "the layer's input_size").astype(like.dtype)

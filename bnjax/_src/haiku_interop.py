@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bnjax._src import validation as v
-from bnjax._src.interop import as_array, as_count, raw_average
+from bnjax._src.interop import as_array, as_count, as_shaped, raw_average
 from bnjax._src.presets import haiku_channel_index
 from bnjax._src.types import BatchNormParams, BatchNormState
 
@@ -63,19 +63,16 @@ def from_haiku(params, state, name: str = "batch_norm", *, data_format="channels
     shape = np.shape(as_array(mean_ema["average"], "mean_ema.average"))
     kept = _haiku_kept_axes(data_format, axis, len(shape), "mean_ema.average")
     hk_shape = tuple(n if i in kept else 1 for i, n in enumerate(shape))
+    meaning = (
+        f"the statistics shape of an hk.BatchNorm with data_format={data_format!r}, "
+        f"axis={axis!r}. Pass the module's data_format and axis"
+    )
 
     def flat(value, what):
-        """``value`` in bnjax's feature shape, or None; a ValueError if not Haiku's shape."""
+        """``value``, of Haiku's shape ``hk_shape``, in bnjax's feature shape (None stays)."""
         if value is None:
             return None
-        a = as_array(value, what)
-        if a.shape != hk_shape:
-            raise ValueError(
-                f"{what} has shape {a.shape}; expected {hk_shape}, the statistics shape of an "
-                f"hk.BatchNorm with data_format={data_format!r}, axis={axis!r}. Pass the "
-                "module's data_format and axis"
-            )
-        return jnp.reshape(a, tuple(hk_shape[i] for i in kept))
+        return jnp.reshape(as_shaped(value, what, hk_shape, meaning), [shape[i] for i in kept])
 
     mean = flat(mean_ema["average"], "mean_ema.average")
     var = flat(var_ema["average"], "var_ema.average")

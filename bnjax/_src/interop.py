@@ -42,14 +42,22 @@ def _numpy(value):
     return tensor.numpy()
 
 
-def as_array(value, name: str, dtype=None) -> jnp.ndarray:
+def as_array(value, name: str) -> jnp.ndarray:
     """A numpy array, torch tensor or jax array as a jax array (exact values)."""
     value = _numpy(value)
     try:
-        out = jnp.asarray(np.asarray(value))
+        return jnp.asarray(np.asarray(value))
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be an array; got {type(value).__name__}") from None
-    return out if dtype is None else out.astype(dtype)
+
+
+def as_shaped(value, name: str, shape: tuple[int, ...], meaning: str) -> jnp.ndarray:
+    """``as_array(value, name)``, or a ValueError if its shape is not ``shape`` (what that
+    shape is: ``meaning``)."""
+    a = as_array(value, name)
+    if a.shape != shape:
+        raise ValueError(f"{name} has shape {a.shape}; expected {shape}, {meaning}")
+    return a
 
 
 def optional(value, name: str):
@@ -135,10 +143,9 @@ def to_torch(params: BatchNormParams, state: BatchNormState, prefix: str = "") -
     Returns:
       ``{weight, bias, running_mean, running_var, num_batches_tracked}`` (int64 count).
     """
-    values = (params.scale, params.bias, state.mean, state.var)
-    out = {k: np.array(a) for k, a in zip(_TORCH_NAMES[:4], values, strict=True) if a is not None}
-    out["num_batches_tracked"] = np.array(state.count, np.int64)
-    return {prefix + k: val for k, val in out.items()}
+    values = (params.scale, params.bias, state.mean, state.var, np.array(state.count, np.int64))
+    pairs = zip(_TORCH_NAMES, values, strict=True)
+    return {prefix + k: np.array(a) for k, a in pairs if a is not None}
 
 
 def from_keras(weights, *, center: bool = True, scale: bool = True, count=0):
@@ -218,7 +225,7 @@ def _flax_layer(variables):
         )
     stats = variables["batch_stats"]
     if isinstance(stats, Mapping) and not {"mean", "var"} <= set(stats):
-        layers = _flax_layers(stats)
+        layers = list(_flax_layers(stats))
         example = layers[0] if layers else "BatchNorm_0"
         path = "".join(f"[{part!r}]" for part in example.split("/"))
         raise ValueError(
@@ -230,16 +237,13 @@ def _flax_layer(variables):
     return variables.get("params", {}), stats
 
 
-def _flax_layers(stats, prefix="") -> list[str]:
+def _flax_layers(stats, prefix=""):
     """The paths (``a/b``) of the dicts holding ``mean`` and ``var`` inside ``stats``."""
-    found = []
     for key, value in stats.items():
-        if isinstance(value, Mapping):
-            if {"mean", "var"} <= set(value):
-                found.append(f"{prefix}{key}")
-            else:
-                found += _flax_layers(value, f"{prefix}{key}/")
-    return found
+        if isinstance(value, Mapping) and {"mean", "var"} <= set(value):
+            yield f"{prefix}{key}"
+        elif isinstance(value, Mapping):
+            yield from _flax_layers(value, f"{prefix}{key}/")
 
 
 def to_flax(params: BatchNormParams, state: BatchNormState) -> dict:
