@@ -30,15 +30,13 @@ _STATS_INDEX = {"bnjax": "state_index", "batch": "batch_state_index", "ema": "em
 
 def _kind(bn_module) -> str:
     """``"bnjax"``, ``"batch"`` or ``"ema"``: whose layout ``bn_module``'s state has."""
-    if hasattr(bn_module, "state_index"):
-        return "bnjax"
-    mode = getattr(bn_module, "mode", None)
-    if hasattr(bn_module, "batch_state_index") and mode in ("batch", "ema"):
-        return mode
-    raise TypeError(
-        "bn_module must be an eqx.nn.BatchNorm or a bnjax.equinox.BatchNorm; got "
-        f"{type(bn_module).__name__}"
-    )
+    kind = "bnjax" if hasattr(bn_module, "state_index") else getattr(bn_module, "mode", None)
+    if kind not in ("bnjax", "batch", "ema") or not hasattr(bn_module, _STATS_INDEX[kind]):
+        raise TypeError(
+            "bn_module must be an eqx.nn.BatchNorm or a bnjax.equinox.BatchNorm; got "
+            f"{type(bn_module).__name__}"
+        )
+    return kind
 
 
 @functools.partial(jax.jit, static_argnums=2)

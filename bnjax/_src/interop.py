@@ -187,14 +187,6 @@ def to_keras(params: BatchNormParams, state: BatchNormState) -> list:
     return out + [np.array(state.mean), np.array(state.var)]
 
 
-def _nnx_value(variable):
-    """The array held by an nnx Variable (``get_value`` in recent Flax, else ``.value``)."""
-    if variable is None:
-        return None
-    get = getattr(variable, "get_value", None)
-    return get() if callable(get) else variable.value
-
-
 def from_flax(variables, *, count=0):
     """Reads Flax BatchNorm variables: linen ``{"params", "batch_stats"}`` or an nnx module.
 
@@ -207,7 +199,8 @@ def from_flax(variables, *, count=0):
       ``(params, state)`` for ``presets.flax(...)``.
     """
     if hasattr(variables, "mean") and hasattr(variables, "var"):  # nnx.BatchNorm
-        values = [_nnx_value(getattr(variables, n, None)) for n in _FLAX_NAMES[:4]]
+        leaves = [getattr(variables, n, None) for n in _FLAX_NAMES[:4]]
+        values = [None if a is None else a[...] for a in leaves]  # Flax's read of a Variable
     else:
         p, stats = _flax_layer(variables)
         values = [p.get("scale"), p.get("bias"), stats["mean"], stats["var"]]
