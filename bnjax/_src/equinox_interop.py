@@ -155,21 +155,16 @@ def to_equinox(
     elif kind == "ema":
         state = state.set(bn_module.ema_first_time_index, jnp.asarray(int(count) == 0))
     else:
-        counter = _like(count, state.get(bn_module.batch_counter))
-        momentum = float(bn_module.momentum)
+        # The counter keeps Equinox's type: its dtype, and weakly typed if it is (as
+        # ``jnp.array(0)`` makes it), since ``State.set`` refuses any other type.
+        was = state.get(bn_module.batch_counter)
+        counter = jnp.array(int(count)) if was.weak_type else jnp.asarray(count, was.dtype)
         # At counter 0 Equinox divides by 1, and raw_average gives each average back.
+        momentum = float(bn_module.momentum)
         debias = functools.partial(_equinox_average, counter=counter, momentum=momentum)
         stats = tuple(jnp.asarray(raw_average(np.asarray(a), debias)) for a in stats)
         state = state.set(bn_module.batch_counter, counter)
     return bn_module, state.set(index, stats)
-
-
-def _like(count, old) -> jax.Array:
-    """``count`` as Equinox's counter ``old``: its dtype, and weakly typed if it is (as
-    ``jnp.array(0)`` makes it), since ``State.set`` refuses any other type."""
-    if getattr(old, "weak_type", False):
-        return jnp.array(int(count))
-    return jnp.asarray(count, old.dtype)
 
 
 def _leaf(value, name: str, like) -> jax.Array:
