@@ -11,14 +11,7 @@
 
 from bnjax._src.equinox_interop import from_equinox, to_equinox
 from bnjax._src.haiku_interop import from_haiku, to_haiku
-from bnjax._src.interop import (
-    from_flax,
-    from_keras,
-    from_torch,
-    to_flax,
-    to_keras,
-    to_torch,
-)
+from bnjax._src.interop import from_flax, from_keras, from_torch, to_flax, to_keras, to_torch
 
 __all__ = [
     "from_equinox",

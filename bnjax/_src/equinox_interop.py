@@ -21,54 +21,30 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bnjax._src.interop import as_array, as_count
+from bnjax._src.interop import as_count, as_pytrees, as_shaped, raw_average
 from bnjax._src.types import BatchNormParams, BatchNormState
+
+# The attribute naming the ``eqx.nn.State`` index of each layout's ``(mean, var)``.
+_STATS_INDEX = {"bnjax": "state_index", "batch": "batch_state_index", "ema": "ema_state_index"}
 
 
 def _kind(bn_module) -> str:
     """``"bnjax"``, ``"batch"`` or ``"ema"``: whose layout ``bn_module``'s state has."""
-    if hasattr(bn_module, "state_index"):
-        return "bnjax"
-    mode = getattr(bn_module, "mode", None)
-    if hasattr(bn_module, "batch_state_index") and mode in ("batch", "ema"):
-        return mode
-    raise TypeError(
-        "bn_module must be an eqx.nn.BatchNorm or a bnjax.equinox.BatchNorm; got "
-        f"{type(bn_module).__name__}"
-    )
+    kind = "bnjax" if hasattr(bn_module, "state_index") else getattr(bn_module, "mode", None)
+    if kind not in ("bnjax", "batch", "ema") or not hasattr(bn_module, _STATS_INDEX[kind]):
+        raise TypeError(
+            "bn_module must be an eqx.nn.BatchNorm or a bnjax.equinox.BatchNorm; got "
+            f"{type(bn_module).__name__}"
+        )
+    return kind
 
 
 @functools.partial(jax.jit, static_argnums=2)
 def _equinox_average(hidden, counter, momentum: float):
     """The statistic ``eqx.nn.BatchNorm(mode="batch")`` normalizes with in inference, by
     Equinox's own formula."""
-    scale = jnp.where(counter == 0, 1, 1 - momentum**counter)
-    return hidden / scale
-
-
-def _average(hidden, counter, momentum):
     with jax.numpy_dtype_promotion("standard"):  # Equinox's formula mixes int and float
-        return _equinox_average(hidden, counter, float(momentum))
-
-
-def _hidden(average: np.ndarray, counter, momentum: float) -> np.ndarray:
-    """The raw average that Equinox divides into ``average``: the float nearest ``average
-    * (1 - momentum**counter)`` that Equinox's formula maps back to ``average`` bit for bit
-    (within 2 ulps; else that product). The division is not one-to-one, so this is within
-    1 ulp of the value Equinox had."""
-    if int(counter) == 0:
-        return average
-    inverse = np.asarray(_average(np.ones((), average.dtype), counter, momentum))
-    guess = (average.astype(np.float64) / np.float64(inverse)).astype(average.dtype)
-    if average.dtype not in (np.float16, np.float32, np.float64):
-        return guess
-    down, up = np.nextafter(guess, -np.inf), np.nextafter(guess, np.inf)
-    candidates = [guess, down, up, np.nextafter(down, -np.inf), np.nextafter(up, np.inf)]
-    hidden, found = guess, np.zeros(average.shape, bool)
-    for c in candidates:
-        ok = ~found & (np.asarray(_average(c, counter, momentum)) == average)
-        hidden, found = np.where(ok, c, hidden), found | ok
-    return hidden
+        return hidden / jnp.where(counter == 0, 1, 1 - momentum**counter)
 
 
 def from_equinox(
@@ -104,37 +80,29 @@ def from_equinox(
       ([1.0, 1.0, 1.0], 0)
     """
     kind = _kind(bn_module)
-    params = BatchNormParams(
-        scale=_optional(bn_module.weight, "weight"), bias=_optional(bn_module.bias, "bias")
-    )
     if kind != "ema" and count is not None:
         raise ValueError(
             f"count={count!r} is given, but this layer ({kind!r} layout) keeps its own count; "
             "expected count=None"
         )
+    stats = state.get(getattr(bn_module, _STATS_INDEX[kind]))
+    mean, var = stats[:2]
     if kind == "bnjax":
-        stats = state.get(bn_module.state_index)
-        return params, BatchNormState(
-            mean=as_array(stats.mean, "mean"),
-            var=as_array(stats.var, "var"),
-            count=as_count(stats.count, "count"),
-        )
-    if kind == "batch":
-        counter = state.get(bn_module.batch_counter)
-        hidden = state.get(bn_module.batch_state_index)
-        mean, var = (_average(as_array(h, "hidden"), counter, bn_module.momentum) for h in hidden)
-        return params, BatchNormState(mean=mean, var=var, count=as_count(counter, "counter"))
-    seen = not bool(state.get(bn_module.ema_first_time_index))
-    if not seen and count not in (None, 0):
-        raise ValueError(
-            f"count={count!r}, but this layer has seen no batch (its first-time flag is "
-            "set); expected None or 0"
-        )
-    mean, var = state.get(bn_module.ema_state_index)
-    count = (1 if count is None else count) if seen else 0
-    return params, BatchNormState(
-        mean=as_array(mean, "mean"), var=as_array(var, "var"), count=as_count(count, "count")
-    )
+        count = stats.count
+    elif kind == "batch":
+        count = state.get(bn_module.batch_counter)
+        mean, var = (_equinox_average(h, count, float(bn_module.momentum)) for h in stats)
+    elif state.get(bn_module.ema_first_time_index):  # it has seen no batch
+        if count not in (None, 0):
+            raise ValueError(
+                f"count={count!r}, but this layer has seen no batch (its first-time flag is "
+                "set); expected None or 0"
+            )
+        count = 0
+    elif count is None:
+        count = 1
+    names = ("weight", "bias", "mean", "var", "counter" if kind == "batch" else "count")
+    return as_pytrees(names, (bn_module.weight, bn_module.bias, mean, var, count))
 
 
 def to_equinox(
@@ -166,11 +134,9 @@ def to_equinox(
 
     kind = _kind(bn_module)
     if bn_module.channelwise_affine:
-        leaves = (
-            _leaf(params.scale, "params.scale", bn_module.weight),
-            _leaf(params.bias, "params.bias", bn_module.bias),
-        )
-        bn_module = eqx.tree_at(lambda m: (m.weight, m.bias), bn_module, leaves)
+        weight = _leaf(params.scale, "params.scale", bn_module.weight)
+        bias = _leaf(params.bias, "params.bias", bn_module.bias)
+        bn_module = eqx.tree_at(lambda m: (m.weight, m.bias), bn_module, (weight, bias))
     elif params.scale is not None or params.bias is not None:
         raise ValueError(
             "params has a scale or bias, but bn_module has channelwise_affine=False; "
@@ -178,52 +144,31 @@ def to_equinox(
         )
     count = as_count(bn_state.count, "bn_state.count")
     state = jax.tree.unflatten(*reversed(jax.tree.flatten(state)))  # State.set voids its input
-    if kind == "bnjax":
-        old = state.get(bn_module.state_index)
-        new = BatchNormState(
-            mean=_leaf(bn_state.mean, "bn_state.mean", old.mean),
-            var=_leaf(bn_state.var, "bn_state.var", old.var),
-            count=count.astype(old.count.dtype),
-        )
-        return bn_module, state.set(bn_module.state_index, new)
-    if kind == "ema":
-        old_mean, old_var = state.get(bn_module.ema_state_index)
-        stats = (
-            _leaf(bn_state.mean, "bn_state.mean", old_mean),
-            _leaf(bn_state.var, "bn_state.var", old_var),
-        )
-        state = state.set(bn_module.ema_first_time_index, jnp.asarray(int(count) == 0))
-        return bn_module, state.set(bn_module.ema_state_index, stats)
-    old_mean, old_var = state.get(bn_module.batch_state_index)
-    counter = _like(count, state.get(bn_module.batch_counter))
-    leaves = (
-        _leaf(bn_state.mean, "bn_state.mean", old_mean),
-        _leaf(bn_state.var, "bn_state.var", old_var),
+    index = getattr(bn_module, _STATS_INDEX[kind])
+    old = state.get(index)
+    stats = (
+        _leaf(bn_state.mean, "bn_state.mean", old[0]),
+        _leaf(bn_state.var, "bn_state.var", old[1]),
     )
-    hidden = tuple(jnp.asarray(_hidden(np.asarray(a), counter, bn_module.momentum)) for a in leaves)
-    state = state.set(bn_module.batch_counter, counter)
-    return bn_module, state.set(bn_module.batch_state_index, hidden)
-
-
-def _like(count, old) -> jax.Array:
-    """``count`` as Equinox's counter ``old``: its dtype, and weakly typed if it is (as
-    ``jnp.array(0)`` makes it), since ``State.set`` refuses any other type."""
-    if getattr(old, "weak_type", False):
-        return jnp.array(int(count))
-    return jnp.asarray(count, old.dtype)
-
-
-def _optional(leaf, name):
-    return None if leaf is None else as_array(leaf, name)
+    if kind == "bnjax":
+        stats = BatchNormState(*stats, count.astype(old.count.dtype))
+    elif kind == "ema":
+        state = state.set(bn_module.ema_first_time_index, jnp.asarray(int(count) == 0))
+    else:
+        # The counter keeps Equinox's type: its dtype, and weakly typed if it is (as
+        # ``jnp.array(0)`` makes it), since ``State.set`` refuses any other type.
+        was = state.get(bn_module.batch_counter)
+        counter = jnp.array(int(count)) if was.weak_type else jnp.asarray(count, was.dtype)
+        # At counter 0 Equinox divides by 1, and raw_average gives each average back.
+        momentum = float(bn_module.momentum)
+        debias = functools.partial(_equinox_average, counter=counter, momentum=momentum)
+        stats = tuple(jnp.asarray(raw_average(np.asarray(a), debias)) for a in stats)
+        state = state.set(bn_module.batch_counter, counter)
+    return bn_module, state.set(index, stats)
 
 
 def _leaf(value, name: str, like) -> jax.Array:
     """``value`` as an array of ``like``'s shape and dtype, or a ValueError naming it."""
     if value is None:
         raise ValueError(f"{name} is None; expected an array of shape {like.shape}")
-    value = as_array(value, name)
-    if value.shape != like.shape:
-        raise ValueError(
-            f"{name} has shape {value.shape}; expected {like.shape}, the layer's input_size"
-        )
-    return value.astype(like.dtype)
+    return as_shaped(value, name, like.shape, "the layer's input_size").astype(like.dtype)

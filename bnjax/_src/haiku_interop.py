@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bnjax._src import validation as v
-from bnjax._src.interop import as_array, as_count, optional
+from bnjax._src.interop import as_array, as_count, as_shaped, raw_average
 from bnjax._src.presets import haiku_channel_index
 from bnjax._src.types import BatchNormParams, BatchNormState
 
@@ -60,63 +60,33 @@ def from_haiku(params, state, name: str = "batch_norm", *, data_format="channels
     """
     p = params.get(name, {}) if params is not None else {}
     mean_ema, var_ema = state[f"{name}/~/mean_ema"], state[f"{name}/~/var_ema"]
-    mean = as_array(mean_ema["average"], "mean_ema.average")
-    kept = _haiku_kept_axes(data_format, axis, mean.ndim, "mean_ema.average")
-    hk_shape = tuple(n if i in kept else 1 for i, n in enumerate(mean.shape))
+    shape = np.shape(as_array(mean_ema["average"], "mean_ema.average"))
+    kept = _haiku_kept_axes(data_format, axis, len(shape), "mean_ema.average")
+    hk_shape = tuple(n if i in kept else 1 for i, n in enumerate(shape))
+    meaning = (
+        f"the statistics shape of an hk.BatchNorm with data_format={data_format!r}, "
+        f"axis={axis!r}. Pass the module's data_format and axis"
+    )
 
-    def flat(a, what):
-        if a is None:
+    def flat(value, what):
+        """``value``, of Haiku's shape ``hk_shape``, in bnjax's feature shape (None stays)."""
+        if value is None:
             return None
-        if a.shape != hk_shape:
-            raise ValueError(
-                f"{what} has shape {a.shape}; expected {hk_shape}, the statistics shape of an "
-                f"hk.BatchNorm with data_format={data_format!r}, axis={axis!r}. Pass the "
-                "module's data_format and axis"
-            )
-        return jnp.reshape(a, tuple(a.shape[i] for i in kept))
+        return jnp.reshape(as_shaped(value, what, hk_shape, meaning), [shape[i] for i in kept])
 
-    bn_state = BatchNormState(
-        mean=flat(mean, "mean_ema.average"),
-        var=flat(as_array(var_ema["average"], "var_ema.average"), "var_ema.average"),
-        count=as_count(mean_ema["counter"], "mean_ema.counter"),
-    )
-    params = BatchNormParams(
-        scale=flat(optional(p, "scale"), "scale"), bias=flat(optional(p, "offset"), "offset")
-    )
-    return params, bn_state
+    mean = flat(mean_ema["average"], "mean_ema.average")
+    var = flat(var_ema["average"], "var_ema.average")
+    count = as_count(mean_ema["counter"], "mean_ema.counter")
+    params = BatchNormParams(flat(p.get("scale"), "scale"), flat(p.get("offset"), "offset"))
+    return params, BatchNormState(mean, var, count)
 
 
 @functools.partial(jax.jit, static_argnums=2)
 def _haiku_average(hidden, counter, decay_rate: float):
     """``hk.ExponentialMovingAverage``'s debiased average, with Haiku's own (jitted) formula."""
-    decay = jax.lax.convert_element_type(decay_rate, hidden.dtype)
-    return hidden / (jnp.ones([], hidden.dtype) - jnp.power(decay, counter))
-
-
-def _haiku_hidden(average: np.ndarray, counter: np.ndarray, decay_rate: float) -> np.ndarray:
-    """The raw EMA value ``hidden`` that Haiku debiases into ``average``.
-
-    Haiku's debiasing ``hidden / (1 - decay**counter)`` (float32) is not one-to-one, so
-    ``hidden`` cannot always be recovered: this returns the float nearest
-    ``average * (1 - decay**counter)`` that Haiku's jitted formula maps back to
-    ``average`` bit for bit (within 2 ulps; else that product).
-    """
-    if int(counter) <= 0:
-        return np.zeros_like(average)
     with jax.numpy_dtype_promotion("standard"):  # Haiku's formula mixes int and float
-        inverse = _haiku_average(np.ones((), average.dtype), counter, decay_rate)
-    guess = (average.astype(np.float64) / np.float64(inverse)).astype(average.dtype)
-    if average.dtype not in (np.float16, np.float32, np.float64):
-        return guess
-    down = np.nextafter(guess, -np.inf)
-    up = np.nextafter(guess, np.inf)
-    candidates = [guess, down, up, np.nextafter(down, -np.inf), np.nextafter(up, np.inf)]
-    hidden, found = guess, np.zeros(average.shape, bool)
-    for c in candidates:
-        with jax.numpy_dtype_promotion("standard"):
-            ok = ~found & (np.asarray(_haiku_average(c, counter, decay_rate)) == average)
-        hidden, found = np.where(ok, c, hidden), found | ok
-    return hidden
+        decay = jax.lax.convert_element_type(decay_rate, hidden.dtype)
+        return hidden / (jnp.ones([], hidden.dtype) - jnp.power(decay, counter))
 
 
 def to_haiku(
@@ -162,23 +132,18 @@ def to_haiku(
             f"state.mean has shape {feature}; expected one size per kept axis {kept} of an "
             f"{ndim}-D input with data_format={data_format!r}, axis={axis!r}"
         )
-    shape = [1] * ndim
-    for i, n in zip(kept, feature, strict=True):
-        shape[i] = n
-    p = {
-        k: np.reshape(np.array(a), shape)
-        for k, a in (("scale", params.scale), ("offset", params.bias))
-        if a is not None
-    }
+    sizes = dict(zip(kept, feature, strict=True))
+    shape = [sizes.get(i, 1) for i in range(ndim)]
     counter = np.asarray(state.count, np.int32)
 
     def ema(average):
+        """Haiku's moving average of ``average``; its raw EMA is 0 before any update."""
         avg = np.reshape(np.array(average), shape)
-        return {
-            "counter": counter,
-            "hidden": _haiku_hidden(avg, counter, decay_rate),
-            "average": avg,
-        }
+        debias = functools.partial(_haiku_average, counter=counter, decay_rate=decay_rate)
+        hidden = np.zeros_like(avg) if counter <= 0 else raw_average(avg, debias)
+        return {"counter": counter, "hidden": hidden, "average": avg}
 
+    leaves = (("scale", params.scale), ("offset", params.bias))
+    p = {k: np.reshape(np.array(a), shape) for k, a in leaves if a is not None}
     hk_state = {f"{name}/~/mean_ema": ema(state.mean), f"{name}/~/var_ema": ema(state.var)}
     return ({name: p} if p else {}), hk_state

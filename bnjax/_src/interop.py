@@ -19,39 +19,54 @@ import numpy as np
 from bnjax._src import validation as v
 from bnjax._src.types import BatchNormParams, BatchNormState
 
-# torch dtypes that ``Tensor.numpy()`` refuses (numpy has no such dtype) but jax has; each
-# is a subset of float32, so widening to float32 and narrowing back is exact.
-_TORCH_ONLY_FLOATS = (
-    "bfloat16",
-    "float8_e4m3fn",
-    "float8_e4m3fnuz",
-    "float8_e5m2",
-    "float8_e5m2fnuz",
-)
+# Each framework's names for (scale, bias, mean, var, count), in which its values are read
+# and its errors reported.
+_TORCH_NAMES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+_KERAS_NAMES = ("gamma", "beta", "moving_mean", "moving_variance", "count")
+_FLAX_NAMES = ("scale", "bias", "mean", "var", "count")
 
 
-def _torch_numpy(tensor):
-    """A torch tensor as a numpy array, without importing torch (exact values)."""
-    tensor = tensor.detach().cpu()
+def _numpy(value):
+    """``value``, or a torch tensor as a numpy array without importing torch (exact values).
+
+    Its bfloat16 and float8 dtypes, which ``Tensor.numpy()`` refuses (numpy has no such
+    dtype) but jax has, go through float32: each is a subset of it, so the round trip is
+    exact.
+    """
+    if not hasattr(value, "detach"):  # not a torch tensor
+        return value
+    tensor = value.detach().cpu()
     kind = str(tensor.dtype).removeprefix("torch.")
-    if kind in _TORCH_ONLY_FLOATS:
+    if kind == "bfloat16" or kind.startswith("float8_"):
         return tensor.float().numpy().astype(jnp.dtype(kind))
     return tensor.numpy()
 
 
-def as_array(value, name: str, dtype=None) -> jnp.ndarray:
+def as_array(value, name: str) -> jnp.ndarray:
     """A numpy array, torch tensor or jax array as a jax array (exact values)."""
-    if hasattr(value, "detach"):  # a torch tensor
-        value = _torch_numpy(value)
+    value = _numpy(value)
     try:
-        out = jnp.asarray(np.asarray(value))
+        return jnp.asarray(np.asarray(value))
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be an array; got {type(value).__name__}") from None
-    return out if dtype is None else out.astype(dtype)
+
+
+def as_shaped(value, name: str, shape: tuple[int, ...], meaning: str) -> jnp.ndarray:
+    """``as_array(value, name)``, or a ValueError if its shape is not ``shape`` (what that
+    shape is: ``meaning``)."""
+    a = as_array(value, name)
+    if a.shape != shape:
+        raise ValueError(f"{name} has shape {a.shape}; expected {shape}, {meaning}")
+    return a
+
+
+def optional(value, name: str):
+    """``as_array(value, name)``, or None for None (an absent scale or bias)."""
+    return None if value is None else as_array(value, name)
 
 
 def as_count(value, name: str) -> jnp.ndarray:
-    count = np.asarray(_torch_numpy(value) if hasattr(value, "detach") else value)
+    count = np.asarray(_numpy(value))
     if count.shape != () or not np.issubdtype(count.dtype, np.integer):
         raise TypeError(f"{name} must be an integer scalar; got {value!r}")
     if count < 0:
@@ -61,9 +76,35 @@ def as_count(value, name: str) -> jnp.ndarray:
     return jnp.asarray(min(int(count), np.iinfo(np.int32).max), jnp.int32)
 
 
-def optional(d, key):
-    value = d.get(key)
-    return None if value is None else as_array(value, key)
+def as_pytrees(names, values) -> tuple[BatchNormParams, BatchNormState]:
+    """``(params, state)`` from a framework's ``values`` of scale, bias, mean, var and count,
+    each checked under the framework's name for it in ``names`` (scale and bias may be None).
+    """
+    scale, bias, mean, var, count = values
+    n_scale, n_bias, n_mean, n_var, n_count = names
+    params = BatchNormParams(optional(scale, n_scale), optional(bias, n_bias))
+    state = BatchNormState(as_array(mean, n_mean), as_array(var, n_var), as_count(count, n_count))
+    return params, state
+
+
+def raw_average(average: np.ndarray, debias) -> np.ndarray:
+    """The raw moving average that a framework's own (jitted) ``debias`` maps to ``average``.
+
+    Debiasing (a division by ``1 - decay**counter``) is not one-to-one, so the raw value
+    cannot always be recovered: this is the float nearest ``average / debias(1)`` that
+    ``debias`` maps back to ``average`` bit for bit (within 2 ulps; else that quotient),
+    within 1 ulp of the value the framework had.
+    """
+    inverse = np.float64(np.asarray(debias(np.ones((), average.dtype))))
+    guess = (average.astype(np.float64) / inverse).astype(average.dtype)
+    if average.dtype not in (np.float16, np.float32, np.float64):
+        return guess
+    down, up = np.nextafter(guess, -np.inf), np.nextafter(guess, np.inf)
+    hidden = guess
+    # The nearest candidate that fits wins (down before up): the last one written.
+    for c in (np.nextafter(up, np.inf), np.nextafter(down, -np.inf), up, down, guess):
+        hidden = np.where(np.asarray(debias(c)) == average, c, hidden)
+    return hidden
 
 
 def from_torch(state_dict, prefix: str = "") -> tuple[BatchNormParams, BatchNormState]:
@@ -87,13 +128,8 @@ def from_torch(state_dict, prefix: str = "") -> tuple[BatchNormParams, BatchNorm
         if key not in sd:
             raise KeyError(f"state_dict has no {prefix}{key!s}; keys are {sorted(state_dict)}")
     count = sd.get("num_batches_tracked")
-    params = BatchNormParams(scale=optional(sd, "weight"), bias=optional(sd, "bias"))
-    state = BatchNormState(
-        mean=as_array(sd["running_mean"], "running_mean"),
-        var=as_array(sd["running_var"], "running_var"),
-        count=jnp.zeros((), jnp.int32) if count is None else as_count(count, "num_batches_tracked"),
-    )
-    return params, state
+    values = [sd.get(key) for key in _TORCH_NAMES[:4]]
+    return as_pytrees(_TORCH_NAMES, [*values, 0 if count is None else count])
 
 
 def to_torch(params: BatchNormParams, state: BatchNormState, prefix: str = "") -> dict:
@@ -107,15 +143,9 @@ def to_torch(params: BatchNormParams, state: BatchNormState, prefix: str = "") -
     Returns:
       ``{weight, bias, running_mean, running_var, num_batches_tracked}`` (int64 count).
     """
-    out = {}
-    if params.scale is not None:
-        out["weight"] = np.array(params.scale)
-    if params.bias is not None:
-        out["bias"] = np.array(params.bias)
-    out["running_mean"] = np.array(state.mean)
-    out["running_var"] = np.array(state.var)
-    out["num_batches_tracked"] = np.array(state.count, np.int64)
-    return {prefix + k: val for k, val in out.items()}
+    values = (params.scale, params.bias, state.mean, state.var, np.array(state.count, np.int64))
+    pairs = zip(_TORCH_NAMES, values, strict=True)
+    return {prefix + k: np.array(a) for k, a in pairs if a is not None}
 
 
 def from_keras(weights, *, center: bool = True, scale: bool = True, count=0):
@@ -143,14 +173,9 @@ def from_keras(weights, *, center: bool = True, scale: bool = True, count=0):
             f"weights has {len(weights)} arrays; expected {expected} "
             f"([gamma] [beta] moving_mean moving_variance with center={center}, scale={scale})"
         )
-    gamma = as_array(weights.pop(0), "gamma") if scale else None
-    beta = as_array(weights.pop(0), "beta") if center else None
-    state = BatchNormState(
-        mean=as_array(weights[0], "moving_mean"),
-        var=as_array(weights[1], "moving_variance"),
-        count=as_count(count, "count"),
-    )
-    return BatchNormParams(scale=gamma, bias=beta), state
+    gamma = weights.pop(0) if scale else None
+    beta = weights.pop(0) if center else None
+    return as_pytrees(_KERAS_NAMES, [gamma, beta, *weights, count])
 
 
 def to_keras(params: BatchNormParams, state: BatchNormState) -> list:
@@ -160,14 +185,6 @@ def to_keras(params: BatchNormParams, state: BatchNormState) -> list:
     """
     out = [np.array(p) for p in (params.scale, params.bias) if p is not None]
     return out + [np.array(state.mean), np.array(state.var)]
-
-
-def _nnx_value(variable):
-    """The array held by an nnx Variable (``get_value`` in recent Flax, else ``.value``)."""
-    if variable is None:
-        return None
-    get = getattr(variable, "get_value", None)
-    return get() if callable(get) else variable.value
 
 
 def from_flax(variables, *, count=0):
@@ -182,19 +199,12 @@ def from_flax(variables, *, count=0):
       ``(params, state)`` for ``presets.flax(...)``.
     """
     if hasattr(variables, "mean") and hasattr(variables, "var"):  # nnx.BatchNorm
-        leaves = {
-            n: _nnx_value(getattr(variables, n, None)) for n in ("scale", "bias", "mean", "var")
-        }
-        p, s = leaves, leaves
+        leaves = [getattr(variables, n, None) for n in _FLAX_NAMES[:4]]
+        values = [None if a is None else a[...] for a in leaves]  # Flax's read of a Variable
     else:
-        p, s = _flax_layer(variables)
-    params = BatchNormParams(scale=optional(p, "scale"), bias=optional(p, "bias"))
-    state = BatchNormState(
-        mean=as_array(s["mean"], "mean"),
-        var=as_array(s["var"], "var"),
-        count=as_count(count, "count"),
-    )
-    return params, state
+        p, stats = _flax_layer(variables)
+        values = [p.get("scale"), p.get("bias"), stats["mean"], stats["var"]]
+    return as_pytrees(_FLAX_NAMES, [*values, count])
 
 
 def _flax_layer(variables):
@@ -208,7 +218,7 @@ def _flax_layer(variables):
         )
     stats = variables["batch_stats"]
     if isinstance(stats, Mapping) and not {"mean", "var"} <= set(stats):
-        layers = _flax_layers(stats)
+        layers = list(_flax_layers(stats))
         example = layers[0] if layers else "BatchNorm_0"
         path = "".join(f"[{part!r}]" for part in example.split("/"))
         raise ValueError(
@@ -220,16 +230,13 @@ def _flax_layer(variables):
     return variables.get("params", {}), stats
 
 
-def _flax_layers(stats, prefix="") -> list[str]:
+def _flax_layers(stats, prefix=""):
     """The paths (``a/b``) of the dicts holding ``mean`` and ``var`` inside ``stats``."""
-    found = []
     for key, value in stats.items():
-        if isinstance(value, Mapping):
-            if {"mean", "var"} <= set(value):
-                found.append(f"{prefix}{key}")
-            else:
-                found += _flax_layers(value, f"{prefix}{key}/")
-    return found
+        if isinstance(value, Mapping) and {"mean", "var"} <= set(value):
+            yield f"{prefix}{key}"
+        elif isinstance(value, Mapping):
+            yield from _flax_layers(value, f"{prefix}{key}/")
 
 
 def to_flax(params: BatchNormParams, state: BatchNormState) -> dict:

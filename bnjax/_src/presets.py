@@ -117,13 +117,13 @@ def keras(
 
 
 def _tf1_uses_fused(axis, fused: bool | None, ndim: int | None) -> bool:
-    """Whether TF1 runs its fused kernel (``BatchNormalizationV1.build``)."""
+    """Whether TF1 runs its fused kernel (``BatchNormalizationV1.build``) for ``axis`` as
+    ``v.as_axes`` returns it (an int or a tuple)."""
     if ndim is None:  # the rank is unknown: take ``fused`` literally
         return bool(fused)
-    if fused is not None and not fused:
-        return False
-    axes = (axis,) if isinstance(axis, int) else tuple(axis)
-    return ndim == 4 and len(axes) == 1 and axes[0] in _TF1_FUSED_AXES
+    axes = (axis,) if isinstance(axis, int) else axis
+    wanted = fused is None or bool(fused)
+    return wanted and ndim == 4 and len(axes) == 1 and axes[0] in _TF1_FUSED_AXES
 
 
 def tf1(
@@ -246,9 +246,9 @@ def flax(
     )
 
 
-def _haiku_cross_replica(cross_replica_axis, cross_replica_axis_index_groups):
-    """Haiku's ``cross_replica_axis`` (a name or a sequence of names) and its groups."""
-    axis = cross_replica_axis
+def _haiku_cross_replica(axis, index_groups):
+    """Haiku's ``cross_replica_axis`` (a name or a sequence of names) and
+    ``cross_replica_axis_index_groups``, checked under those names."""
     if isinstance(axis, Sequence) and not isinstance(axis, str):
         axis = tuple(axis)
     try:
@@ -258,14 +258,14 @@ def _haiku_cross_replica(cross_replica_axis, cross_replica_axis_index_groups):
             f"cross_replica_axis must be a name or a sequence of names; got {axis!r}"
         ) from None
     try:
-        groups = v.as_groups(cross_replica_axis_index_groups)
+        groups = v.as_groups(index_groups)
     except (TypeError, ValueError) as err:  # name Haiku's argument, not bnjax's
         raise type(err)(
             str(err).replace("axis_index_groups", "cross_replica_axis_index_groups", 1)
         ) from None
     if groups is not None and axis is None:
         raise ValueError(
-            f"cross_replica_axis_index_groups={cross_replica_axis_index_groups!r} is set but "
+            f"cross_replica_axis_index_groups={index_groups!r} is set but "
             "cross_replica_axis is None; expected both or neither"
         )
     return axis, groups
