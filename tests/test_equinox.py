@@ -106,7 +106,10 @@ def test_bnjax_options_have_the_core_defaults():
         if name != "averaging":  # None: the mode's own (tested below)
             assert ours[name].default == getattr(core, name), name
     assert _make(bxe.BatchNorm, 2, "b", mode="batch")[0].averaging == "debiased"
-    assert _make(bxe.BatchNorm, 2, "b", mode="ema")[0].averaging == "ema"
+    assert _make(bxe.BatchNorm, 2, "b", mode="ema")[0].averaging == "ema_from_first"
+    assert _make(bxe.BatchNorm, 2, "b", mode="ema", averaging="cumulative")[0].averaging == (
+        "cumulative"
+    )
 
 
 def test_legacy_mode_warns_and_means_ema():
@@ -132,6 +135,7 @@ def test_legacy_mode_warns_and_means_ema():
         ({"mode": "bogus"}, ValueError, r"mode='bogus' .*\['ema', 'batch', 'legacy'\]"),
         ({"dtype": jnp.int32}, TypeError, r"dtype must be a floating dtype; got int32"),
         ({"averaging": "mean"}, ValueError, r"averaging='mean' .*'debiased'"),
+        ({"averaging": "ema", "mode": "ema"}, ValueError, r"averaging='ema' with mode='ema'"),
         ({"statistics": "fast"}, ValueError, r"statistics='fast'"),
         ({"virtual_batch_size": 4}, ValueError, r"virtual_batch_size=4 .*expected None"),
         ({"renorm": True, "mode": "ema"}, ValueError, r"renorm=True needs mode='batch'"),
@@ -261,6 +265,33 @@ def test_gradients_match_equinox_where_documented(mode):
         else:
             rel = float(jnp.linalg.norm(ours[0] - theirs[0]) / jnp.linalg.norm(theirs[0]))
             assert 1e-4 < rel < 1e-2, rel
+
+
+def _full_size_reductions(jaxpr, size: int) -> int:
+    """The reduce_sum/reduce_max equations over an operand of ``size`` elements or more,
+    nested jaxprs (custom_vjp, cond branches, pjit) included."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in ("reduce_sum", "reduce_max") and any(
+            getattr(v.aval, "size", 0) >= size for v in eqn.invars
+        ):
+            count += 1
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            count += _full_size_reductions(sub, size)
+    return count
+
+
+@pytest.mark.parametrize("statistics", ["branchless", "checked"])
+def test_ema_step_reduces_x_no_more_than_a_batch_step(statistics):
+    """mode="ema" computes the batch statistics once, as mode="batch" does: its output
+    from the second batch on (normalized with the new running statistics) is an affine map
+    of x, with no reduction over it. (It used to compute them twice.)"""
+    x = jnp.ones((16, 3, 5))
+    counts = {}
+    for mode in ("batch", "ema"):
+        bn, state = _make(bxe.BatchNorm, 3, "batch", mode=mode, statistics=statistics)
+        counts[mode] = _full_size_reductions(jax.make_jaxpr(_batched(bn))(x, state).jaxpr, x.size)
+    assert 0 < counts["ema"] <= counts["batch"], counts
 
 
 # -- Equinox's machinery ----------------------------------------------------------------

@@ -59,15 +59,17 @@ class BatchNorm(eqx.nn.StatefulLayer):
       A state converted from Equinox (``bnjax.interop.from_equinox``) keeps Equinox's
       excess, and the debiased average carries it on exactly as Equinox would.
     * ``"ema"`` (and ``"legacy"``, which warns and means ``"ema"``): training averages the
-      batch into the running statistics (the first batch is taken whole) and normalizes
-      with the result; inference with the running statistics. Equal to Equinox in the
-      outputs and the statistics, and in the gradients of the first batch. After it,
-      bnjax's gradients treat the running statistics as constants, as in every bnjax
-      inference pass; Equinox's also flow through this batch's ``1 - momentum`` share of
-      them (measured: the input gradient differs by 1e-3 to 4e-3 relative at
-      ``momentum=0.99``, 2e-2 at 0.9). Before the first training batch bnjax's
-      statistics are mean 0 and variance 1; Equinox's are uninitialized buffers (zeros
-      on XLA: inference then returns ``x / sqrt(eps)``).
+      batch into the running statistics (``averaging="ema_from_first"``: the first batch
+      is taken whole) and normalizes with the result; inference with the running
+      statistics. One training pass computes the batch's statistics once (the first
+      batch's output and the new state), then the output is the new statistics' affine
+      map, as in inference. Equal to Equinox in the outputs and the statistics, and in
+      the gradients of the first batch. After it, bnjax's gradients treat the running
+      statistics as constants, as in every bnjax inference pass; Equinox's also flow
+      through this batch's ``1 - momentum`` share of them (measured: the input gradient
+      differs by 1e-3 to 4e-3 relative at ``momentum=0.99``, 2e-2 at 0.9). Before the
+      first training batch bnjax's statistics are mean 0 and variance 1; Equinox's are
+      uninitialized buffers (zeros on XLA: inference then returns ``x / sqrt(eps)``).
 
     Equinox's variance, ``mean((x - mean)**2)``, is accurate on offset data too (float32,
     mean 1e3, std 0.1: within 2e-6 relative of float64; bnjax's 3e-7). The output dtype is
@@ -86,7 +88,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
         float32 (float64 when ``jax_enable_x64`` is on).
       mode: ``"batch"``, ``"ema"`` or ``"legacy"`` (see above).
       averaging: bnjax's running average; None gives the mode's: ``"debiased"`` for
-        ``"batch"``, ``"ema"`` (after the first batch) for ``"ema"``.
+        ``"batch"``, ``"ema_from_first"`` for ``"ema"`` (which takes the first batch
+        whole, so not ``"ema"``).
       running_var: bnjax's option; see :class:`bnjax.BatchNorm` (also the next ones).
       skip_nonfinite: a batch with non-finite statistics leaves the state unchanged.
       checks: runtime checks of the inputs and statistics.
@@ -168,7 +171,13 @@ class BatchNorm(eqx.nn.StatefulLayer):
         self.mode = mode
         self.dtype = v.float_dtype("dtype", dtype)
         if averaging is None:  # the running average of Equinox's mode
-            averaging = "debiased" if mode == "batch" else "ema"
+            averaging = "debiased" if mode == "batch" else "ema_from_first"
+        elif mode == "ema" and averaging == "ema":
+            raise ValueError(
+                "averaging='ema' with mode='ema' is not supported: this mode takes the first "
+                "batch whole, and 'ema' would blend it with the initial mean 0 and variance 1. "
+                "Use averaging=None (Equinox's: 'ema_from_first'), 'debiased' or 'cumulative'"
+            )
         self.averaging = averaging
         self.running_var = running_var
         self.skip_nonfinite = skip_nonfinite
@@ -225,10 +234,9 @@ class BatchNorm(eqx.nn.StatefulLayer):
             if inference:
                 y, _ = core.apply(params, stats, x, training=False)
                 return y, state
-            if self.mode == "batch":
-                y, new = core.apply(params, stats, x, training=True)
-            else:
-                y, new = _ema_step(core, params, stats, x)
+            y, new = core.apply(params, stats, x, training=True)
+            if self.mode == "ema":
+                y = _ema_output(core, params, stats, new, x, y)
         return y, state.set(self.state_index, new)
 
     def _core(self, dtype) -> Core:
@@ -251,20 +259,17 @@ class BatchNorm(eqx.nn.StatefulLayer):
         )
 
 
-def _ema_step(core: Core, params, stats, x):
-    """Equinox's ``"ema"`` training step through the core.
+def _ema_output(core: Core, params, old: BatchNormState, new: BatchNormState, x, y_batch):
+    """Equinox's ``"ema"`` training output, given the training pass's ``(y_batch, new)``.
 
-    From the second batch on: average the batch in, then normalize with the result
-    (inference on the new statistics). The first batch (``count == 0``) is taken whole, and
-    normalizing with its statistics is the training pass itself, gradients included.
+    The training pass computed the batch's statistics once: ``y_batch`` normalizes with
+    them, and ``new`` has them averaged in (``averaging="ema_from_first"``: at count 0 the
+    batch is taken whole, so ``new`` *is* the batch's statistics and ``y_batch``, with its
+    gradient through them, is Equinox's first output). From the second batch on the output
+    normalizes with ``new``: an inference pass, the affine map alone, no statistics.
     """
-    whole = dataclasses.replace(core, averaging="cumulative")  # weight 1 at count 0
-    y_first, first_stats = whole.apply(params, stats, x, training=True)
-    _, next_stats = core.apply(params, stats, x, training=False, update_stats=True)
-    y_next, _ = core.apply(params, next_stats, x, training=False)
-    first = stats.count == 0
-    new = jax.tree.map(lambda a, b: jnp.where(first, a, b), first_stats, next_stats)
-    return jnp.where(first, y_first, y_next), new
+    y_running, _ = core.apply(params, new, x, training=False)
+    return jnp.where(old.count == 0, y_batch, y_running)
 
 
 def _axis_name(axis_name):
