@@ -111,11 +111,12 @@ def running_average(values, momentum: float, averaging: str, init) -> np.ndarray
     * ``"ema"``: ``m^t * init + sum_i (1 - m) m^(t-i) b_i``.
     * ``"debiased"``: ``sum_i m^(t-i) b_i / sum_i m^(t-i)``.
     * ``"cumulative"``: ``mean_i b_i``.
+    * ``"ema_from_first"``: ``m^(t-1) b_1 + sum_{i>1} (1 - m) m^(t-i) b_i``.
 
     Args:
       values: a sequence of ``t >= 1`` arrays of one shape.
       momentum: ``m`` in [0, 1].
-      averaging: ``"ema"``, ``"debiased"`` or ``"cumulative"``.
+      averaging: ``"ema"``, ``"debiased"``, ``"cumulative"`` or ``"ema_from_first"``.
       init: the starting value (used by ``"ema"`` only).
 
     Returns:
@@ -132,6 +133,8 @@ def running_average(values, momentum: float, averaging: str, init) -> np.ndarray
         return (powers * b).sum(0) / powers.sum()
     if averaging == "cumulative":
         return b.mean(0)
+    if averaging == "ema_from_first":
+        return powers[0] * b[0] + ((1 - m) * powers[1:] * b[1:]).sum(0)
     raise ValueError(f"averaging={averaging!r}")
 
 

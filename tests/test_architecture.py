@@ -19,22 +19,44 @@ SRC = ROOT / "bnjax" / "_src"
 PUBLIC = sorted(p for p in (ROOT / "bnjax").rglob("*.py") if "_src" not in p.parts)
 
 
+# The six-parameter rule is for bnjax's own API. A drop-in wrapper takes its host's
+# constructor as the host does, positional parameters included, or it would not be a
+# drop-in: each entry is (file, qualified name) of such a wrapper, and the host whose
+# signature it copies (tests/test_equinox.py checks it is a prefix of the wrapper's).
+HOST_SIGNATURES = {
+    ("equinox.py", "BatchNorm.__init__"): "eqx.nn.BatchNorm.__init__ (8 positional)",
+}
+
+
 def _functions(path):
-    tree = ast.parse(path.read_text())
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            yield node
+    """``(qualified name, node)`` of every function in ``path`` (``Class.method``)."""
+
+    def visit(node, prefix):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                if not isinstance(child, ast.ClassDef):
+                    yield prefix + child.name, child
+                yield from visit(child, f"{prefix}{child.name}.")
+            else:
+                yield from visit(child, prefix)
+
+    yield from visit(ast.parse(path.read_text()), "")
 
 
 def test_no_function_takes_more_than_six_positional_parameters():
-    wide = []
+    wide, exempt = [], set()
     for path in sorted(SRC.glob("*.py")):
-        for fn in _functions(path):
+        for name, fn in _functions(path):
             names = [a.arg for a in fn.args.posonlyargs + fn.args.args]
             names = [n for n in names if n not in ("self", "cls")]
-            if len(names) > 6:
-                wide.append(f"{path.name}:{fn.lineno} {fn.name}({', '.join(names)})")
+            if len(names) <= 6:
+                continue
+            if (path.name, name) in HOST_SIGNATURES:
+                exempt.add((path.name, name))
+            else:
+                wide.append(f"{path.name}:{fn.lineno} {name}({', '.join(names)})")
     assert not wide, "bundle these arguments or pass them by keyword:\n" + "\n".join(wide)
+    assert exempt == set(HOST_SIGNATURES), "an exemption no longer needed: remove it"
 
 
 def test_one_name_per_idea():

@@ -1,7 +1,9 @@
 """Running averages (``bnjax._src.averaging``) against their float64 closed forms."""
 
+import dataclasses
 import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -24,7 +26,7 @@ PROPERTY = settings(
 )
 # Each example compiles apply for its configuration: fewer examples than the profile's 25.
 COSTLY = settings(PROPERTY, max_examples=10)
-MODES = ["ema", "debiased", "cumulative"]
+MODES = ["ema", "debiased", "cumulative", "ema_from_first"]
 
 
 def _step(bn, params, state, x, mask):
@@ -75,6 +77,8 @@ def test_closed_forms_by_hand():
     assert running_average(b, 0.5, "ema", 1.0) == pytest.approx(0.125 + 0.25 + 1.0 + 4.0)
     assert running_average(b, 0.5, "debiased", 1.0) == pytest.approx((0.5 + 2 + 8) / 1.75)
     assert running_average(b, 0.5, "cumulative", 1.0) == pytest.approx(14 / 3)
+    # 2, then 2 + (4 - 2) / 2 = 3, then 3 + (8 - 3) / 2 = 5.5: the first batch taken whole.
+    assert running_average(b, 0.5, "ema_from_first", 1.0) == pytest.approx(5.5)
 
 
 @pytest.mark.parametrize("averaging", MODES)
@@ -131,9 +135,39 @@ def test_momentum_one(maybe_jit, averaging):
     state = _train(bnjax.BatchNorm(momentum=1.0, averaging=averaging), batches, maybe_jit)
     if averaging == "ema":  # the initial statistics are never left
         expected = (np.zeros(4), np.ones(4))
+    elif averaging == "ema_from_first":  # the first batch is never left
+        expected = moments(batches[0])[1:]
     else:  # debiased EMA tends to the equal-weight mean as momentum -> 1
         expected = [np.mean([moments(b)[i] for b in batches], 0) for i in (1, 2)]
     _assert_state(state, *expected, 3)
+
+
+def test_ema_from_first_is_its_closed_form_in_float64():
+    """Equinox's ``mode="ema"``: the first batch taken whole, then weight ``1 - m``; in
+    float64 (state and data) it is the float64 closed form to rounding, from any start."""
+    rng = np.random.default_rng(7)
+    batches = [rng.normal(rng.uniform(-3, 3), rng.uniform(0.5, 3), (6, 3)) for _ in range(4)]
+    bn = bnjax.BatchNorm(momentum=0.8, averaging="ema_from_first")
+    with jax.enable_x64(True):
+        params, state = bn.init(batches[0])
+        assert state.mean.dtype == jnp.float64
+        state = state._replace(mean=state.mean + 5.0, var=state.var * 7.0)  # never seen
+        for k, x in enumerate(batches, 1):
+            _, state = bn.apply(params, state, jnp.asarray(x), training=True)
+            mean, var = running_stats(
+                batches[:k], momentum=0.8, averaging="ema_from_first", running_var="biased"
+            )
+            np.testing.assert_allclose(state.mean, mean, rtol=1e-13, atol=1e-13)
+            np.testing.assert_allclose(state.var, var, rtol=1e-13, atol=1e-13)
+            assert int(state.count) == k
+        # At count 0 the batch replaces any state exactly, as the first batch of
+        # "cumulative" does (a weight of exactly 1).
+        first = jnp.asarray(batches[1])
+        fresh = state._replace(count=jnp.zeros((), jnp.int32))
+        ours = bn.apply(params, fresh, first, training=True)[1]
+        whole = dataclasses.replace(bn, averaging="cumulative")
+        for a, b in zip(ours, whole.apply(params, fresh, first, training=True)[1], strict=True):
+            np.testing.assert_array_equal(a, b)
 
 
 def _moments_of(x):
@@ -158,7 +192,9 @@ def test_fold_one_step_from_any_count(maybe_jit):
     x = np.random.default_rng(4).normal(1.0, 2.0, (5, 3))
     _, mean, var = moments(x)
     state = _state([0.5, -1.0, 2.0], [1.5, 0.5, 3.0], 4)
-    for averaging, w in (("ema", 0.1), ("debiased", 0.1 / (1 - 0.9**5)), ("cumulative", 0.2)):
+    weights = (("ema", 0.1), ("debiased", 0.1 / (1 - 0.9**5)), ("cumulative", 0.2),
+               ("ema_from_first", 0.1))  # fmt: skip
+    for averaging, w in weights:
         new = maybe_jit(lambda s, m, a=averaging: _update(s, m, averaging=a))(state, _moments_of(x))
         np.testing.assert_allclose(new.mean, state.mean + w * (mean - state.mean), rtol=1e-6)
         np.testing.assert_allclose(new.var, state.var + w * (var - state.var), rtol=1e-6)
@@ -172,6 +208,7 @@ def test_update_skips_unusable_batches(maybe_jit):
         # A feature without data under a count-weighted average: the batch is left out.
         (_moments_of(x)._replace(n=jnp.asarray([[4.0, 0.0]], jnp.float32)), "debiased"),
         (_moments_of(x)._replace(n=jnp.asarray([[0.0, 4.0]], jnp.float32)), "cumulative"),
+        (_moments_of(x)._replace(n=jnp.asarray([[4.0, 0.0]], jnp.float32)), "ema_from_first"),
         (_moments_of(x)._replace(n=jnp.asarray([[0.0, 0.0]], jnp.float32)), "ema"),
         (_moments_of(x)._replace(scaled_var=jnp.asarray([[1.0, np.nan]], jnp.float32)), "ema"),
         (_moments_of(x)._replace(delta=jnp.asarray([[np.inf, 0.0]], jnp.float32)), "ema"),

@@ -1,5 +1,6 @@
 """bnjax.equinox.BatchNorm against the real eqx.nn.BatchNorm, the core, and its converters."""
 
+import dataclasses
 import functools
 import importlib
 import inspect
@@ -18,21 +19,9 @@ import bnjax
 import bnjax.equinox as bxe
 import bnjax.testing
 from bnjax import interop
+from bnjax._src import equinox as wrapper
 
 MODES = ["batch", "ema", "legacy"]
-CORE_OPTIONS = (
-    "averaging",
-    "running_var",
-    "skip_nonfinite",
-    "checks",
-    "statistics",
-    "renorm",
-    "renorm_rmax",
-    "renorm_dmax",
-    "renorm_ramp_start",
-    "renorm_ramp_steps",
-    "virtual_batch_size",
-)
 
 
 def _data(shape, seed=0, loc=0.5, scale=1.5):
@@ -83,30 +72,77 @@ def _excess(momentum, n):
 
 @pytest.mark.parametrize("method", ["__init__", "__call__"])
 def test_takes_equinox_arguments_in_order_with_their_defaults(method):
+    """Equinox's parameters, names, kinds and defaults, are a prefix of ours; beyond them
+    only ``**options``. So any call that works with Equinox's works here."""
     theirs = list(inspect.signature(getattr(eqx.nn.BatchNorm, method)).parameters.values())
-    ours = inspect.signature(getattr(bxe.BatchNorm, method)).parameters
-    names = [p.name for p in theirs]
+    ours = list(inspect.signature(getattr(bxe.BatchNorm, method)).parameters.values())
     # A new Equinox argument fails here until bnjax.equinox takes it too.
-    assert names == list(ours)[: len(names)], f"Equinox's {method} is now {names}"
-    assert set(ours) - set(names) <= set(CORE_OPTIONS)
-    positional = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.POSITIONAL_ONLY)
-    for i, p in enumerate(theirs):
-        mine = ours[p.name]
-        assert mine.default == p.default, p.name
-        # bnjax takes at most six positional parameters (self aside): the rest by keyword.
-        expected = p.kind if i <= 6 or p.kind not in positional else inspect.Parameter.KEYWORD_ONLY
-        assert mine.kind == expected, p.name
+    assert [p.name for p in ours[: len(theirs)]] == [p.name for p in theirs], theirs
+    for mine, p in zip(ours, theirs):  # noqa: B905 (ours may be longer)
+        assert (mine.kind, mine.default) == (p.kind, p.default), p.name
+    rest = [(p.name, p.kind) for p in ours[len(theirs) :]]
+    assert rest == ([("options", inspect.Parameter.VAR_KEYWORD)] if method == "__init__" else [])
 
 
-def test_bnjax_options_have_the_core_defaults():
-    core = bnjax.BatchNorm()
-    ours = inspect.signature(bxe.BatchNorm.__init__).parameters
-    for name in CORE_OPTIONS:
-        assert ours[name].kind == inspect.Parameter.KEYWORD_ONLY
-        if name != "averaging":  # None: the mode's own (tested below)
-            assert ours[name].default == getattr(core, name), name
+def test_equinox_s_positional_call_builds_the_same_layer():
+    args = (4, "b", 1e-4, False, 0.9, True, jnp.float32, "batch")
+    theirs = eqx.nn.BatchNorm(*args)
+    ours = bxe.BatchNorm(*args)
+    named = bxe.BatchNorm(4, "b", eps=1e-4, channelwise_affine=False, momentum=0.9,
+                          inference=True, dtype=jnp.float32, mode="batch")  # fmt: skip
+    for name in ("input_size", "axis_name", "eps", "channelwise_affine", "momentum",
+                 "inference", "mode", "weight", "bias"):  # fmt: skip
+        assert getattr(ours, name) == getattr(theirs, name) == getattr(named, name), name
+    assert ours.dtype == named.dtype == jnp.float32 and ours.options == named.options
+
+
+def test_bnjax_options_are_the_core_s_other_fields_forwarded():
+    """Every field of bnjax.BatchNorm that Equinox's arguments do not set is an option,
+    with the core's default; none is re-declared as a parameter or a field."""
+    core = {f.name: f.default for f in dataclasses.fields(bnjax.BatchNorm)}
+    assert set(wrapper.FROM_EQUINOX) | set(wrapper.OPTIONS) == set(core)
+    assert all(default == core[name] for name, default in wrapper.OPTIONS.items())
+    assert {"averaging", "renorm", "statistics", "checks"} <= set(wrapper.OPTIONS)
+    fields = {f.name for f in dataclasses.fields(bxe.BatchNorm)}
+    assert not fields & set(wrapper.OPTIONS)
+    assert not set(inspect.signature(bxe.BatchNorm).parameters) & set(wrapper.OPTIONS)
+    bn = bxe.BatchNorm(2, "b", mode="batch", statistics="branchless", checks=False)
+    assert bn.options == (("averaging", "debiased"), ("statistics", "branchless"))
+    for name, default in wrapper.OPTIONS.items():
+        if name not in dict(bn.options):  # averaging None: the mode's own
+            assert getattr(bn, name) == default, name
+    core = bn._core(jnp.float32)
+    assert (core.statistics, core.checks, core.axis, core.epsilon) == ("branchless", False, 0, 1e-5)
     assert _make(bxe.BatchNorm, 2, "b", mode="batch")[0].averaging == "debiased"
-    assert _make(bxe.BatchNorm, 2, "b", mode="ema")[0].averaging == "ema"
+    assert _make(bxe.BatchNorm, 2, "b", mode="ema")[0].averaging == "ema_from_first"
+    assert _make(bxe.BatchNorm, 2, "b", mode="ema", averaging="cumulative")[0].averaging == (
+        "cumulative"
+    )
+    with pytest.raises(AttributeError, match="no attribute 'ema_state_index'"):
+        bn.ema_state_index  # noqa: B018
+
+
+def test_options_are_static_and_compile_once_per_configuration():
+    """Equal settings built twice (a Renorm made twice, defaults given or not) are one
+    static configuration: eqx.filter_jit traces once; another setting traces again."""
+    traces = []
+
+    @eqx.filter_jit
+    def step(layer, x, state):
+        traces.append(None)
+        return _batched(layer)(x, state)
+
+    x = _data((8, 3, 2))
+    for checks in (None, False, None):
+        given = {} if checks is None else {"checks": checks}
+        bn, state = _make(bxe.BatchNorm, 3, "batch", mode="batch", renorm=bnjax.Renorm(),
+                          **given)  # fmt: skip
+        step(bn, x, state)
+    assert len(traces) == 1
+    other, state = _make(bxe.BatchNorm, 3, "batch", mode="batch", renorm=bnjax.Renorm(rmax=2.0))
+    step(other, x, state)
+    assert len(traces) == 2
+    assert other.renorm == bnjax.Renorm(rmax=2.0) and other._core(jnp.float32).renorm.rmax == 2.0
 
 
 def test_legacy_mode_warns_and_means_ema():
@@ -132,10 +168,19 @@ def test_legacy_mode_warns_and_means_ema():
         ({"mode": "bogus"}, ValueError, r"mode='bogus' .*\['ema', 'batch', 'legacy'\]"),
         ({"dtype": jnp.int32}, TypeError, r"dtype must be a floating dtype; got int32"),
         ({"averaging": "mean"}, ValueError, r"averaging='mean' .*'debiased'"),
+        ({"averaging": "ema", "mode": "ema"}, ValueError, r"averaging='ema' with mode='ema'"),
         ({"statistics": "fast"}, ValueError, r"statistics='fast'"),
         ({"virtual_batch_size": 4}, ValueError, r"virtual_batch_size=4 .*expected None"),
-        ({"renorm": True, "mode": "ema"}, ValueError, r"renorm=True needs mode='batch'"),
-        ({"renorm": "yes"}, TypeError, r"renorm must be a Python bool"),
+        ({"scale_init": jnp.ones}, ValueError, r"scale_init=.* expected None.*eqx.tree_at"),
+        (
+            {"renorm": bnjax.Renorm(), "mode": "ema"},
+            ValueError,
+            r"renorm=Renorm\(.*\) needs mode='batch'",
+        ),  # fmt: skip
+        ({"renorm": "yes"}, TypeError, r"renorm must be None or a bnjax.Renorm; got 'yes'"),
+        ({"renorm": bnjax.Renorm}, TypeError, r"renorm must be None or a bnjax.Renorm"),
+        ({"renorm_rmax": 2.0}, TypeError, r"unexpected keyword argument\(s\) \['renorm_rmax'\]"),
+        ({"epsilon": 1e-3}, TypeError, r"\['epsilon'\]; it takes Equinox's arguments"),
     ],
 )
 def test_invalid_arguments_fail_when_built_naming_them(kwargs, error, match):
@@ -263,6 +308,33 @@ def test_gradients_match_equinox_where_documented(mode):
             assert 1e-4 < rel < 1e-2, rel
 
 
+def _full_size_reductions(jaxpr, size: int) -> int:
+    """The reduce_sum/reduce_max equations over an operand of ``size`` elements or more,
+    nested jaxprs (custom_vjp, cond branches, pjit) included."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in ("reduce_sum", "reduce_max") and any(
+            getattr(v.aval, "size", 0) >= size for v in eqn.invars
+        ):
+            count += 1
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            count += _full_size_reductions(sub, size)
+    return count
+
+
+@pytest.mark.parametrize("statistics", ["branchless", "checked"])
+def test_ema_step_reduces_x_no_more_than_a_batch_step(statistics):
+    """mode="ema" computes the batch statistics once, as mode="batch" does: its output
+    from the second batch on (normalized with the new running statistics) is an affine map
+    of x, with no reduction over it. (It used to compute them twice.)"""
+    x = jnp.ones((16, 3, 5))
+    counts = {}
+    for mode in ("batch", "ema"):
+        bn, state = _make(bxe.BatchNorm, 3, "batch", mode=mode, statistics=statistics)
+        counts[mode] = _full_size_reductions(jax.make_jaxpr(_batched(bn))(x, state).jaxpr, x.size)
+    assert 0 < counts["ema"] <= counts["batch"], counts
+
+
 # -- Equinox's machinery ----------------------------------------------------------------
 
 
@@ -387,6 +459,19 @@ def test_bnjax_options_and_several_axis_names_reach_the_core():
     checked, fresh = _make(bxe.BatchNorm, 3, "batch", mode="batch", checks=True)
     with pytest.warns(bnjax.CheckWarning, match="never"):
         jax.block_until_ready(_run(checked, _data((8, 3, 4)), fresh, True))
+
+
+def test_axis_index_groups_reaches_the_core_under_pmap():
+    """An option the layer never names: forwarded, it works where JAX allows groups (pmap,
+    one device here) and the core refuses it under vmap, naming it."""
+    bn, state = _make(bxe.BatchNorm, 3, "d", mode="batch", axis_index_groups=[[0]])
+    assert bn.axis_index_groups == ((0,),)
+    x = _data((1, 3, 4))
+    call = jax.pmap(lambda x, s: bn(x, s), axis_name="d", in_axes=(0, None), out_axes=(0, None))
+    _, new = call(x, state)
+    _close(new.get(bn.state_index).mean, jnp.mean(x[0], axis=1), 1e-6)
+    with pytest.raises(NotImplementedError, match="axis_index_groups"):
+        _batched(bn, axis_name="d")(x, state)
 
 
 def test_sequential_inference_mode_and_filter_grad():
@@ -641,8 +726,9 @@ def test_pytree_leaves_are_equinox_s(mode):
     """The same leaves as Equinox's layer, in order: every setting is static, so
     ``filter_jit``, optimizers and serialisation see what they see with Equinox's."""
     theirs = eqx.nn.make_with_state(eqx.nn.BatchNorm)(3, "batch", mode=mode)[0]
+    renorm = bnjax.Renorm(rmax=2.0, ramp_steps=10) if mode == "batch" else None
     ours = eqx.nn.make_with_state(bxe.BatchNorm)(
-        3, "batch", mode=mode, renorm=mode == "batch", checks=True, statistics="branchless"
+        3, "batch", mode=mode, renorm=renorm, checks=True, statistics="branchless"
     )[0]
 
     def described(layer):

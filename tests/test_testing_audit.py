@@ -771,3 +771,50 @@ def test_count_is_checked_from_where_it_started():
     _, state = BN.apply(PARAMS, STATE, X, training=True)
     state = state._replace(count=jnp.asarray(3, jnp.int32))
     check_train_step(core_step, PARAMS, state, X)
+
+
+# -- Equinox ---------------------------------------------------------------------------
+
+
+def test_equinox_ema_train_step_counts_one_batch_per_call():
+    """bnjax.equinox's mode="ema" folds each batch in once (one training call; its output
+    after the first batch is an inference pass on the new state, which folds nothing in):
+    a correct step advances the count by 1, at the first batch and after it."""
+    eqx = pytest.importorskip("equinox")
+    import bnjax.equinox  # noqa: PLC0415 (Equinox is optional here)
+
+    class Net(eqx.Module):
+        linear: eqx.nn.Linear
+        norm: bnjax.equinox.BatchNorm
+
+        def __init__(self, key):
+            self.linear = eqx.nn.Linear(3, 4, key=key)
+            self.norm = bnjax.equinox.BatchNorm(4, "batch", momentum=0.9, mode="ema")
+
+        def __call__(self, x, state):
+            return self.norm(self.linear(x), state)
+
+    def batched(model):
+        return eqx.filter_vmap(model, axis_name="batch", in_axes=(0, None), out_axes=(0, None))
+
+    @eqx.filter_jit
+    def step(model, state, x):
+        def loss(model):
+            y, new = batched(model)(x, state)
+            return jnp.sum(y**2), new
+
+        (_, new), grads = eqx.filter_value_and_grad(loss, has_aux=True)(model)
+        return grads, new
+
+    @eqx.filter_jit
+    def forgetful(model, state, x):
+        return step(model, state, x)[0], state
+
+    model, state = eqx.nn.make_with_state(Net)(jax.random.key(0, impl="rbg"))
+    check_train_step(lambda m, s, x: batched(m)(x, s), model, state, X)  # no gradient
+    check_train_step(step, model, state, X)  # the first batch, taken whole
+    _, later = step(model, state, X)
+    check_train_step(step, model, later, X + 1)
+    assert audit(step, model, later, X, expect="train") == []
+    with pytest.raises(AssertionError, match="norm"):
+        check_train_step(forgetful, model, later, X)

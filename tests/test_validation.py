@@ -40,7 +40,8 @@ CONFIG_ERRORS = {  # name: (kwargs, exception, regex: argument, value, expectati
     "averaging": (
         {"averaging": "mean"},
         ValueError,
-        r"averaging='mean' is not supported; expected one of \['ema', 'debiased', 'cumulative'\]",
+        r"averaging='mean' is not supported; expected one of "
+        r"\['ema', 'debiased', 'cumulative', 'ema_from_first'\]",
     ),
     "running_var": (
         {"running_var": "bessel"},

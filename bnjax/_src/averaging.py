@@ -2,10 +2,12 @@
 
 Every averaging mode is the same step ``r <- r + w_t * (batch - r)`` with its own weight
 (the incremental form drifts less over a long run than ``(1 - w_t) * r + w_t * batch``;
-benchmarks/NOTES.md has the numbers; a weight of 1, the first batch of ``"debiased"`` or
-``"cumulative"``, takes the batch's statistics exactly):
+benchmarks/NOTES.md has the numbers; a weight of 1, the first batch of ``"debiased"``,
+``"cumulative"`` or ``"ema_from_first"``, takes the batch's statistics exactly):
 
 * ``"ema"``: ``w_t = 1 - momentum`` (TF, Keras, Flax, PyTorch; starts from mean 0, var 1).
+* ``"ema_from_first"``: ``w_0 = 1``, then ``w_t = 1 - momentum``: the EMA that starts from
+  the first batch instead of mean 0 and var 1 (Equinox's ``mode="ema"``).
 * ``"debiased"``: ``w_t = (1 - m) / (1 - m**(t+1))``, Haiku's zero-debiased EMA: after
   batches ``b_1..b_t`` the average is ``sum_i m**(t-i) b_i / sum_i m**(t-i)``.
 * ``"cumulative"``: ``w_t = 1 / (t + 1)``, the equal-weight mean of all batches (PyTorch's
@@ -27,6 +29,8 @@ def weight(averaging: str, momentum: float, count, dtype):
     t = count.astype(dtype)
     if averaging == "ema":
         return jnp.asarray(1.0 - momentum, dtype)
+    if averaging == "ema_from_first":
+        return jnp.where(t == 0, 1.0, 1.0 - momentum).astype(dtype)
     if averaging == "cumulative" or momentum == 1.0:  # debiased EMA tends to the mean
         return 1.0 / (t + 1.0)
     if momentum == 0.0:
@@ -81,11 +85,11 @@ def update(
     A feature *has data* when it counted an element (two with ``running_var="unbiased"``,
     whose variance needs them). With ``"ema"`` the features with data are averaged in and
     the others keep their statistics, as each feature's average is independent of the
-    others'. With ``"debiased"`` and ``"cumulative"`` the weight comes from the shared
-    ``count``, which a feature that skipped a batch would no longer match, so a batch in
-    which some feature has no data is left out whole. With ``skip_nonfinite`` a batch whose
-    statistics (of the features with data) are not finite is left out whole. ``count``
-    moves whenever some statistic does.
+    others'. With ``"debiased"``, ``"cumulative"`` and ``"ema_from_first"`` the weight
+    comes from the shared ``count``, which a feature that skipped a batch would no longer
+    match, so a batch in which some feature has no data is left out whole. With
+    ``skip_nonfinite`` a batch whose statistics (of the features with data) are not finite
+    is left out whole. ``count`` moves whenever some statistic does.
 
     The update is computed in at least float32 and each statistic is stored back in its
     own dtype; with ``skip_nonfinite`` a result that overflows that dtype is skipped too.

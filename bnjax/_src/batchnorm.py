@@ -43,7 +43,9 @@ class BatchNorm:
         0 by 0: its output is NaN.
       center: learn a bias (beta).
       scale: learn a scale (gamma).
-      averaging: ``"ema"``, ``"debiased"`` (zero-debiased EMA) or ``"cumulative"``.
+      averaging: ``"ema"``, ``"debiased"`` (zero-debiased EMA), ``"cumulative"`` or
+        ``"ema_from_first"`` (an EMA that takes the first batch whole), as
+        ``bnjax/_src/averaging.py`` says.
       running_var: ``"biased"``, or ``"unbiased"`` to store ``n/(n-1)`` times the batch
         variance in the running average (PyTorch).
       axis_name: named axis (pmap, shard_map, vmap) over which batch statistics combine.

@@ -26,7 +26,29 @@ except ImportError as e:
     raise extras.missing("bnjax.equinox", "equinox", e) from e
 
 MODES = ("ema", "batch", "legacy")
-_CORE = {f.name: f.default for f in dataclasses.fields(Core)}
+# The core's fields that Equinox's own arguments set (``axis`` is 0: one example per call,
+# channels first); every other field of bnjax.BatchNorm is one of bnjax's options, taken by
+# keyword under the core's name and forwarded, so a new core option needs nothing here.
+FROM_EQUINOX = ("axis", "momentum", "epsilon", "center", "scale", "axis_name", "dtype",
+                "param_dtype")  # fmt: skip
+OPTIONS = {f.name: f.default for f in dataclasses.fields(Core) if f.name not in FROM_EQUINOX}
+# Each mode's running average when ``averaging`` is None: Equinox's own.
+MODE_AVERAGING = {"batch": "debiased", "ema": "ema_from_first"}
+# The core's options an Equinox layer cannot take, and why.
+_UNSUPPORTED = {
+    "virtual_batch_size": (
+        "This layer sees one example per call (the batch is a vmapped axis), never the batch "
+        "to split: vmap over each virtual batch with an axis_name of its own"
+    ),
+    "scale_init": (
+        "This layer makes its weight without a key, as Equinox's does: set another with "
+        "eqx.tree_at(lambda m: m.weight, layer, new_weight)"
+    ),
+    "bias_init": (
+        "This layer makes its bias without a key, as Equinox's does: set another with "
+        "eqx.tree_at(lambda m: m.bias, layer, new_bias)"
+    ),
+}
 _LEGACY = (
     "bnjax.equinox.BatchNorm(mode='legacy'), the default as in Equinox, means mode='ema': in "
     "training it normalizes with the running statistics after this batch. Pass mode='batch' "
@@ -38,14 +60,13 @@ _LEGACY = (
 class BatchNorm(eqx.nn.StatefulLayer):
     """Batch normalization with Equinox's interface and state, and bnjax's numerics.
 
-    Takes the constructor and call arguments of ``eqx.nn.BatchNorm`` with the same
-    meanings and defaults (``dtype`` and ``mode`` keyword-only: bnjax's functions take at
-    most six positional parameters), plus bnjax's options. Like Equinox's, it normalizes
-    one example of shape ``(input_size, *spatial)`` and must run inside ``vmap`` (or
-    ``pmap``) over the batch with a matching ``axis_name``; its running statistics live in
-    an ``eqx.nn.State`` as one :class:`bnjax.BatchNormState`. Every call is
-    :meth:`bnjax.BatchNorm.apply` with ``axis=0`` and that ``axis_name``, so the statistics
-    are exact and :func:`bnjax.testing.audit` finds every call.
+    Takes the constructor and call arguments of ``eqx.nn.BatchNorm``, in its order, with
+    the same meanings and defaults, plus bnjax's options by keyword. Like Equinox's, it
+    normalizes one example of shape ``(input_size, *spatial)`` and must run inside
+    ``vmap`` (or ``pmap``) over the batch with a matching ``axis_name``; its running
+    statistics live in an ``eqx.nn.State`` as one :class:`bnjax.BatchNormState`. Every
+    call is :meth:`bnjax.BatchNorm.apply` with ``axis=0`` and that ``axis_name``, so the
+    statistics are exact and :func:`bnjax.testing.audit` finds every call.
 
     Modes, as in Equinox:
 
@@ -59,15 +80,17 @@ class BatchNorm(eqx.nn.StatefulLayer):
       A state converted from Equinox (``bnjax.interop.from_equinox``) keeps Equinox's
       excess, and the debiased average carries it on exactly as Equinox would.
     * ``"ema"`` (and ``"legacy"``, which warns and means ``"ema"``): training averages the
-      batch into the running statistics (the first batch is taken whole) and normalizes
-      with the result; inference with the running statistics. Equal to Equinox in the
-      outputs and the statistics, and in the gradients of the first batch. After it,
-      bnjax's gradients treat the running statistics as constants, as in every bnjax
-      inference pass; Equinox's also flow through this batch's ``1 - momentum`` share of
-      them (measured: the input gradient differs by 1e-3 to 4e-3 relative at
-      ``momentum=0.99``, 2e-2 at 0.9). Before the first training batch bnjax's
-      statistics are mean 0 and variance 1; Equinox's are uninitialized buffers (zeros
-      on XLA: inference then returns ``x / sqrt(eps)``).
+      batch into the running statistics (``averaging="ema_from_first"``: the first batch
+      is taken whole) and normalizes with the result; inference with the running
+      statistics. One training pass computes the batch's statistics once (the first
+      batch's output and the new state), then the output is the new statistics' affine
+      map, as in inference. Equal to Equinox in the outputs and the statistics, and in
+      the gradients of the first batch. After it, bnjax's gradients treat the running
+      statistics as constants, as in every bnjax inference pass; Equinox's also flow
+      through this batch's ``1 - momentum`` share of them (measured: the input gradient
+      differs by 1e-3 to 4e-3 relative at ``momentum=0.99``, 2e-2 at 0.9). Before the
+      first training batch bnjax's statistics are mean 0 and variance 1; Equinox's are
+      uninitialized buffers (zeros on XLA: inference then returns ``x / sqrt(eps)``).
 
     Equinox's variance, ``mean((x - mean)**2)``, is accurate on offset data too (float32,
     mean 1e3, std 0.1: within 2e-6 relative of float64; bnjax's 3e-7). The output dtype is
@@ -85,19 +108,21 @@ class BatchNorm(eqx.nn.StatefulLayer):
       dtype: dtype of ``weight``, ``bias`` and the running statistics; None gives
         float32 (float64 when ``jax_enable_x64`` is on).
       mode: ``"batch"``, ``"ema"`` or ``"legacy"`` (see above).
-      averaging: bnjax's running average; None gives the mode's: ``"debiased"`` for
-        ``"batch"``, ``"ema"`` (after the first batch) for ``"ema"``.
-      running_var: bnjax's option; see :class:`bnjax.BatchNorm` (also the next ones).
-      skip_nonfinite: a batch with non-finite statistics leaves the state unchanged.
-      checks: runtime checks of the inputs and statistics.
-      statistics: how batch statistics are computed (every choice is exact).
-      renorm: batch renormalization (a :class:`bnjax.Renorm`); needs ``mode="batch"``.
-      virtual_batch_size: must be None: the layer sees one example per call, never the
-        batch to split into virtual batches.
+      **options: bnjax's options, the fields of :class:`bnjax.BatchNorm` that Equinox's
+        arguments do not set (:data:`OPTIONS`, with the core's meanings and defaults),
+        except: ``averaging`` None (the default) gives the mode's (:data:`MODE_AVERAGING`),
+        and in ``mode="ema"`` must take the first batch whole (not ``"ema"``);
+        ``renorm`` needs ``mode="batch"`` (``"ema"`` normalizes with the running
+        statistics in training already); ``virtual_batch_size``, ``scale_init`` and
+        ``bias_init`` must be None (the layer sees one example per call, never the batch
+        to split; it makes ``weight`` and ``bias`` without a key, as Equinox does);
+        ``axis_index_groups`` works under ``pmap`` only (JAX's ``vmap`` refuses it).
+        Each reads back as an attribute (``layer.averaging``); :attr:`options` holds
+        those that differ from the core's defaults.
 
     Raises:
-      TypeError, ValueError: an argument is invalid; the message names it, its value and
-        what was expected.
+      TypeError, ValueError: an argument is invalid, or an option unknown; the message
+        names it, its value and what was expected.
 
     Example:
       >>> import equinox as eqx, jax.numpy as jnp, bnjax.equinox
@@ -107,8 +132,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
       >>> y, state = train(x, state)
       >>> tuple(round(float(a), 3) for a in y[:, 1])  # normalized over the batch
       (-1.0, 1.0)
-      >>> int(state.get(bn.state_index).count)
-      1
+      >>> int(state.get(bn.state_index).count), bn.averaging
+      (1, 'debiased')
     """
 
     weight: jax.Array | None
@@ -122,12 +147,10 @@ class BatchNorm(eqx.nn.StatefulLayer):
     momentum: float = eqx.field(static=True)
     mode: str = eqx.field(static=True)
     dtype: Any = eqx.field(static=True)
-    averaging: str = eqx.field(static=True)
-    running_var: str = eqx.field(static=True)
-    skip_nonfinite: bool = eqx.field(static=True)
-    checks: bool = eqx.field(static=True)
-    statistics: str = eqx.field(static=True)
-    renorm: Any = eqx.field(static=True)
+    # bnjax's options that differ from the core's defaults, as the core holds them, in
+    # (name, value) pairs by name: static, hashable and one form per configuration, so
+    # eqx.filter_jit compiles once per configuration.
+    options: tuple[tuple[str, Any], ...] = eqx.field(static=True)
 
     def __init__(
         self,
@@ -137,16 +160,9 @@ class BatchNorm(eqx.nn.StatefulLayer):
         channelwise_affine: bool = True,
         momentum: float = 0.99,
         inference: bool = False,
-        *,
         dtype: Any = None,
         mode: str = "legacy",
-        averaging: str | None = None,
-        running_var: str = _CORE["running_var"],
-        skip_nonfinite: bool = _CORE["skip_nonfinite"],
-        checks: bool = _CORE["checks"],
-        statistics: str = _CORE["statistics"],
-        renorm: Any = _CORE["renorm"],
-        virtual_batch_size: int | None = _CORE["virtual_batch_size"],
+        **options: Any,
     ):
         v.check_int("input_size", input_size, low=1, what="the number of channels")
         v.check_number("eps", eps, low=0.0)
@@ -157,7 +173,6 @@ class BatchNorm(eqx.nn.StatefulLayer):
         if mode == "legacy":
             warnings.warn(_LEGACY, UserWarning, stacklevel=2)
             mode = "ema"
-        _check_options(mode, renorm=renorm, virtual_batch_size=virtual_batch_size)
         dtype = jax.dtypes.canonicalize_dtype(jnp.float64) if dtype is None else dtype
         self.input_size = input_size
         self.axis_name = _axis_name(axis_name)
@@ -167,15 +182,13 @@ class BatchNorm(eqx.nn.StatefulLayer):
         self.inference = inference
         self.mode = mode
         self.dtype = v.float_dtype("dtype", dtype)
-        if averaging is None:  # the running average of Equinox's mode
-            averaging = "debiased" if mode == "batch" else "ema"
-        self.averaging = averaging
-        self.running_var = running_var
-        self.skip_nonfinite = skip_nonfinite
-        self.checks = checks
-        self.statistics = statistics
-        self.renorm = renorm
-        self._core(self.dtype)  # validates bnjax's options now, not at the first call
+        # The core validates the options now, not at the first call; kept as it holds them.
+        core = self._core(self.dtype, _options(mode, options))
+        self.options = tuple(
+            (name, getattr(core, name))
+            for name in sorted(OPTIONS)
+            if getattr(core, name) != OPTIONS[name]
+        )
         shape = (input_size,)
         self.weight = jnp.ones(shape, self.dtype) if channelwise_affine else None
         self.bias = jnp.zeros(shape, self.dtype) if channelwise_affine else None
@@ -186,6 +199,14 @@ class BatchNorm(eqx.nn.StatefulLayer):
                 count=jnp.zeros((), jnp.int32),
             )
         )
+
+    def __getattr__(self, name: str) -> Any:
+        """bnjax's options as attributes (``layer.averaging``): from :attr:`options`, else
+        the core's default. Python asks only for what is not a field or method; any name but
+        an option's is an AttributeError (so ``hasattr`` stays truthful)."""
+        if name not in OPTIONS:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return dict(self.__dict__.get("options", ())).get(name, OPTIONS[name])
 
     def __call__(self, x, state, *, key=None, inference=None):
         """Normalizes one example; in training, updates the running statistics in ``state``.
@@ -225,46 +246,39 @@ class BatchNorm(eqx.nn.StatefulLayer):
             if inference:
                 y, _ = core.apply(params, stats, x, training=False)
                 return y, state
-            if self.mode == "batch":
-                y, new = core.apply(params, stats, x, training=True)
-            else:
-                y, new = _ema_step(core, params, stats, x)
+            y, new = core.apply(params, stats, x, training=True)
+            if self.mode == "ema":
+                y = _ema_output(core, params, stats, new, x, y)
         return y, state.set(self.state_index, new)
 
-    def _core(self, dtype) -> Core:
-        """The :class:`bnjax.BatchNorm` of a call whose output has ``dtype``."""
+    def _core(self, dtype, options: dict | None = None) -> Core:
+        """The :class:`bnjax.BatchNorm` of a call whose output has ``dtype``, with
+        ``options`` (default: the layer's)."""
+        options = dict(self.options) if options is None else options
         return Core(
             axis=0,
             momentum=self.momentum,
             epsilon=self.eps,
             center=self.channelwise_affine,
             scale=self.channelwise_affine,
-            averaging=self.averaging,
-            running_var=self.running_var,
             axis_name=self.axis_name,
-            skip_nonfinite=self.skip_nonfinite,
             dtype=dtype,
             param_dtype=self.dtype,
-            checks=self.checks,
-            renorm=self.renorm,
-            statistics=self.statistics,
+            **options,
         )
 
 
-def _ema_step(core: Core, params, stats, x):
-    """Equinox's ``"ema"`` training step through the core.
+def _ema_output(core: Core, params, old: BatchNormState, new: BatchNormState, x, y_batch):
+    """Equinox's ``"ema"`` training output, given the training pass's ``(y_batch, new)``.
 
-    From the second batch on: average the batch in, then normalize with the result
-    (inference on the new statistics). The first batch (``count == 0``) is taken whole, and
-    normalizing with its statistics is the training pass itself, gradients included.
+    The training pass computed the batch's statistics once: ``y_batch`` normalizes with
+    them, and ``new`` has them averaged in (``averaging="ema_from_first"``: at count 0 the
+    batch is taken whole, so ``new`` *is* the batch's statistics and ``y_batch``, with its
+    gradient through them, is Equinox's first output). From the second batch on the output
+    normalizes with ``new``: an inference pass, the affine map alone, no statistics.
     """
-    whole = dataclasses.replace(core, averaging="cumulative")  # weight 1 at count 0
-    y_first, first_stats = whole.apply(params, stats, x, training=True)
-    _, next_stats = core.apply(params, stats, x, training=False, update_stats=True)
-    y_next, _ = core.apply(params, next_stats, x, training=False)
-    first = stats.count == 0
-    new = jax.tree.map(lambda a, b: jnp.where(first, a, b), first_stats, next_stats)
-    return jnp.where(first, y_first, y_next), new
+    y_running, _ = core.apply(params, new, x, training=False)
+    return jnp.where(old.count == 0, y_batch, y_running)
 
 
 def _axis_name(axis_name):
@@ -279,19 +293,34 @@ def _axis_name(axis_name):
     return axis_name
 
 
-def _check_options(mode: str, *, renorm, virtual_batch_size) -> None:
-    """The bnjax options that have no meaning for an Equinox layer or mode."""
-    if virtual_batch_size is not None:
-        raise ValueError(
-            f"virtual_batch_size={virtual_batch_size!r} is not supported; expected None. "
-            "This layer sees one example per call (the batch is a vmapped axis), never the "
-            "batch to split: vmap over each virtual batch with an axis_name of its own"
+def _options(mode: str, given: dict) -> dict:
+    """bnjax's options for the core: ``given`` with the mode's ``averaging`` where it is
+    None, after the rules of an Equinox layer (the core checks the values themselves)."""
+    unknown = sorted(set(given) - set(OPTIONS))
+    if unknown:
+        raise TypeError(
+            f"bnjax.equinox.BatchNorm got unexpected keyword argument(s) {unknown}; it takes "
+            f"Equinox's arguments and bnjax's options {list(OPTIONS)}"
         )
+    options = dict(given)
+    if options.get("averaging") is None:  # the running average of Equinox's mode
+        options["averaging"] = MODE_AVERAGING[mode]
+    elif mode == "ema" and options["averaging"] == "ema":
+        raise ValueError(
+            "averaging='ema' with mode='ema' is not supported: this mode takes the first batch "
+            "whole, and 'ema' would blend it with the initial mean 0 and variance 1. Use "
+            "averaging=None (Equinox's: 'ema_from_first'), 'debiased' or 'cumulative'"
+        )
+    for name, why in _UNSUPPORTED.items():
+        if options.get(name) is not None:
+            raise ValueError(f"{name}={options[name]!r} is not supported; expected None. {why}")
+    renorm = options.get("renorm")
     if renorm is not None and mode != "batch":
         raise ValueError(
             f"renorm={renorm!r} needs mode='batch'; got mode={mode!r}, which normalizes with the "
             "running statistics in training already"
         )
+    return options
 
 
 def _label(index) -> str | None:

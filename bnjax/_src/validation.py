@@ -11,7 +11,7 @@ import numpy as np
 
 from bnjax._src.types import BatchNormParams, BatchNormState
 
-AVERAGING = ("ema", "debiased", "cumulative")
+AVERAGING = ("ema", "debiased", "cumulative", "ema_from_first")
 RUNNING_VAR = ("biased", "unbiased")
 
 
