@@ -1,5 +1,7 @@
-"""The layout rules that keep the code enterable: small signatures, one direction of
-imports, public modules that only re-export, one ``batch_moments`` per batch."""
+"""The rules of ARCHITECTURE.md, each a test: imports go down its module table, every
+module names test modules that exist, public modules only re-export, small signatures
+(but drop-ins keep their host's), one name per idea, tests use no underscore names, and
+one ``batch_moments`` per batch."""
 
 from __future__ import annotations
 
@@ -59,32 +61,106 @@ def test_no_function_takes_more_than_six_positional_parameters():
     assert exempt == set(HOST_SIGNATURES), "an exemption no longer needed: remove it"
 
 
-def test_one_name_per_idea():
-    pattern = re.compile(r"fallback_|fb_mean|fb_var|_toolkit_train")
-    found = [
-        f"{path.relative_to(ROOT)}:{i}"
-        for path in sorted((ROOT / "bnjax").rglob("*.py"))
-        for i, line in enumerate(path.read_text().splitlines(), 1)
-        if pattern.search(line)
+def _named_tuples():
+    """``{class name: its fields}`` for every NamedTuple defined in ``bnjax/_src``."""
+    found = {}
+    for path in sorted(SRC.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            bases = [getattr(b, "id", getattr(b, "attr", None)) for b in getattr(node, "bases", [])]
+            if isinstance(node, ast.ClassDef) and "NamedTuple" in bases:
+                fields = {s.target.id for s in node.body if isinstance(s, ast.AnnAssign)}
+                found[f"{path.stem}.{node.name}"] = fields
+    return found
+
+
+def test_no_named_tuple_restates_another_s_fields():
+    """One name per idea: a NamedTuple whose fields are all another's restates it (as a
+    ``(mean, var)`` bundle beside ``BatchNormState`` did)."""
+    tuples = _named_tuples()
+    assert "types.BatchNormState" in tuples and "moments.Moments" in tuples
+    restated = [
+        f"{a} {sorted(fa)} within {b} {sorted(fb)}"
+        for a, fa in tuples.items()
+        for b, fb in tuples.items()
+        if a != b and fa <= fb
     ]
-    assert not found, found
+    assert not restated, restated
 
 
-def _imported_modules(path):
+def _table_modules():
+    """The module table of ARCHITECTURE.md, in order: ``[(module, [test files])]``."""
+    rows = []
+    for line in (ROOT / "ARCHITECTURE.md").read_text().splitlines():
+        match = re.match(r"\| `(\w+)\.py` \|.*\| (.*) \|$", line)
+        if match:
+            rows.append((match.group(1), re.findall(r"`(test_\w+\.py)`", match.group(2))))
+    return rows
+
+
+def _bnjax_imports(path):
+    """The ``bnjax._src`` modules that ``path`` imports."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("bnjax._src"):
+            parts = node.module.split(".")
+            yield from (a.name for a in node.names) if len(parts) == 2 else parts[2:3]
+
+
+def test_imports_go_down_the_architecture_table():
+    """Every module of ``bnjax/_src`` is in ARCHITECTURE.md's table, and imports only
+    modules above it there: the table is the import order, checked pair by pair."""
+    order = [module for module, _ in _table_modules()]
+    sources = sorted(p.stem for p in SRC.glob("*.py") if p.stem != "__init__")
+    assert sorted(order) == sources, "ARCHITECTURE.md's table and bnjax/_src differ"
+    upward = [
+        f"{module} imports {dep}, which is not above it"
+        for i, module in enumerate(order)
+        for dep in _bnjax_imports(SRC / f"{module}.py")
+        if dep not in order[:i]
+    ]
+    assert not upward, upward
+
+
+def test_every_module_names_test_modules_that_exist():
+    for module, tests in _table_modules():
+        assert tests, f"{module}: ARCHITECTURE.md names no test module"
+        for name in tests:
+            assert (ROOT / "tests" / name).is_file(), f"{module}: tests/{name} is missing"
+
+
+def _underscore_uses(path):
+    """Where the test module ``path`` imports, reads or patches an underscore name of a
+    bnjax module (``bnjax._src`` itself is the package's path, not such a name)."""
     tree = ast.parse(path.read_text())
+    aliases = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module:
-            yield node.module
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("bnjax"):
             for alias in node.names:
-                yield f"{node.module}.{alias.name}"
+                if alias.name.startswith("_") and not alias.name.startswith("__"):
+                    yield f"{path.name}:{node.lineno} imports {alias.name}"
+                aliases.add(alias.asname or alias.name)
         elif isinstance(node, ast.Import):
-            yield from (alias.name for alias in node.names)
+            aliases |= {a.asname or a.name for a in node.names if a.name.startswith("bnjax")}
+    private = lambda name: name.startswith("_") and not name.startswith("__")  # noqa: E731
+    for node in ast.walk(tree):
+        target = None
+        if isinstance(node, ast.Attribute) and private(node.attr):
+            target, name = node.value, node.attr
+        elif (
+            isinstance(node, ast.Call)
+            and getattr(node.func, "attr", None) == "setattr"
+            and len(node.args) >= 2
+            and isinstance(node.args[1], ast.Constant)
+        ):
+            target, name = node.args[0], str(node.args[1].value)
+        if target is not None and private(name) and ast.unparse(target) in aliases:
+            yield f"{path.name}:{node.lineno} uses {ast.unparse(target)}.{name}"
 
 
-def test_the_core_does_not_call_into_its_add_ons():
-    imported = set(_imported_modules(SRC / "batchnorm.py"))
-    assert "bnjax._src.recalibrate" not in imported
-    assert not any(m.startswith("bnjax._src.recalibrate") for m in imported)
+def test_tests_use_no_underscore_name_of_bnjax():
+    """Tests reach the code through the public API or a module's public names, so that a
+    module's insides can change while its tests keep their assertions."""
+    uses = [u for p in sorted((ROOT / "tests").glob("*.py")) for u in _underscore_uses(p)]
+    assert not uses, uses
 
 
 @pytest.mark.parametrize("path", PUBLIC, ids=lambda p: str(p.relative_to(ROOT)))

@@ -330,37 +330,39 @@ def test_settings_that_were_silently_accepted_are_refused(kwargs, error, words):
     assert bnjax.BatchNorm(epsilon=float(np.finfo(np.float32).max)).epsilon > 0  # the edge
 
 
-# Each case below was a surviving mutant of bnjax/_src/validation.py (tests/MUTANTS.md):
-# a refusal no test made, or an edge no test accepted.
-SURVIVOR_ERRORS = {
-    "int_or_none_not_str": (dict(virtual_batch_size="4"), TypeError,
-                            r"virtual_batch_size must be None or an int; got '4' \(str\)"),
-    "int_below_low": (dict(virtual_batch_size=0), ValueError,
-                      r"virtual_batch_size=0 is out of range; expected an int >= 1"),
-    "axis_not_bool": (dict(axis=True), TypeError,
-                      r"axis must be an int or a non-empty tuple of ints; got True"),
+WRONG_KIND_SETTINGS = {
+    "virtual_batch_size_str": (dict(virtual_batch_size="4"), TypeError,
+                               r"virtual_batch_size must be None or an int; got '4' \(str\)"),
+    "virtual_batch_size_0": (dict(virtual_batch_size=0), ValueError,
+                             r"virtual_batch_size=0 is out of range; expected an int >= 1"),
+    "axis_bool": (dict(axis=True), TypeError,
+                  r"axis must be an int or a non-empty tuple of ints; got True"),
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("case", sorted(SURVIVOR_ERRORS))
-def test_validation_survivors_are_refused(case):
-    kwargs, error, message = SURVIVOR_ERRORS[case]
+@pytest.mark.parametrize("case", sorted(WRONG_KIND_SETTINGS))
+def test_a_setting_of_the_wrong_kind_is_refused_naming_it_and_its_value(case):
+    kwargs, error, message = WRONG_KIND_SETTINGS[case]
     with pytest.raises(error, match=message):
         bnjax.BatchNorm(**kwargs)
 
 
-def test_validation_survivor_edges():
-    # axis=-ndim is the first axis, not out of range
-    bn = bnjax.BatchNorm(axis=-2)
-    params, state = bn.init((4, 3))
+def test_axis_minus_ndim_is_the_first_axis():
+    params, _ = bnjax.BatchNorm(axis=-2).init((4, 3))
     assert params.scale.shape == (4,)
-    # a dtype given by name comes back as that dtype
+
+
+def test_a_dtype_given_by_name_is_kept_as_that_dtype():
     assert bnjax.BatchNorm(dtype="bfloat16").dtype == jnp.bfloat16
-    # a shape with a zero is a shape; a negative size is not
+
+
+def test_init_takes_a_shape_with_a_zero_and_refuses_a_negative_size():
     assert bnjax.BatchNorm().init((0, 3))[1].mean.shape == (3,)
     with pytest.raises(TypeError, match=r"\(-1, 3\)"):
         bnjax.BatchNorm().init((-1, 3))
-    # something with a dtype but no shape is not an array
+
+
+def test_something_with_a_dtype_or_shape_alone_is_not_an_array():
     params, state = bnjax.BatchNorm().init((4, 3))
     with pytest.raises(TypeError, match="x must be an array; got"):
         bnjax.BatchNorm().apply(params, state, jnp.float32, training=True)
