@@ -162,27 +162,30 @@ class BatchNorm:
             set without ``key``.
           ValueError: ``axis`` is out of range for the shape.
         """
-        shape = v.shape_of(x_or_shape)
-        feat = self.feature_shape(shape)
-        inits = (self.scale_init, self.bias_init)
-        if key is None and any(f is not None for f in inits):
+        feat = self.feature_shape(v.shape_of(x_or_shape))
+        if key is None and (self.scale_init is not None or self.bias_init is not None):
             raise TypeError("key is None, but scale_init or bias_init needs a PRNG key")
-        k_scale, k_bias = jax.random.split(key) if key is not None else (None, None)
-        pd = self.param_dtype
-        scale = bias = None
-        if self.scale:
-            scale = jnp.ones(feat, pd)
-            if self.scale_init is not None:
-                scale = _initial(self.scale_init, k_scale, shape=feat, dtype=pd, name="scale_init")
-        if self.center:
-            bias = jnp.zeros(feat, pd)
-            if self.bias_init is not None:
-                bias = _initial(self.bias_init, k_bias, shape=feat, dtype=pd, name="bias_init")
-        sd = accumulation_dtype(pd, *_example_dtype(x_or_shape))
+        keys = jax.random.split(key) if key is not None else (None, None)
+        params = BatchNormParams(
+            scale=self._param("scale_init", self.scale, jnp.ones, keys[0], feat),
+            bias=self._param("bias_init", self.center, jnp.zeros, keys[1], feat),
+        )
+        sd = accumulation_dtype(self.param_dtype, *_example_dtype(x_or_shape))
         state = BatchNormState(
             mean=jnp.zeros(feat, sd), var=jnp.ones(feat, sd), count=jnp.zeros((), jnp.int32)
         )
-        return BatchNormParams(scale=scale, bias=bias), state
+        return params, state
+
+    def _param(self, init_name, enabled, fill, key, shape):
+        """One parameter in ``param_dtype``: None where disabled, else ``fill`` or, if set,
+        the initializer named ``init_name``, checked to return ``shape``."""
+        init = getattr(self, init_name)
+        if not enabled or init is None:
+            return fill(shape, self.param_dtype) if enabled else None
+        value = jnp.asarray(init(key, shape, self.param_dtype))
+        if value.shape != shape:
+            raise ValueError(f"{init_name} returned shape {value.shape}; expected {shape}")
+        return value.astype(self.param_dtype)
 
     # -- apply ----------------------------------------------------------------------
 
@@ -345,11 +348,3 @@ def _example_dtype(x_or_shape) -> tuple:
     if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
         return ()
     return (jax.dtypes.canonicalize_dtype(dtype),)
-
-
-def _initial(init, key, *, shape, dtype, name):
-    """``init(key, shape, dtype)``, checked to return ``shape``, in ``dtype``."""
-    value = jnp.asarray(init(key, shape, dtype))
-    if value.shape != shape:
-        raise ValueError(f"{name} returned shape {value.shape}; expected {shape}")
-    return value.astype(dtype)
