@@ -116,11 +116,12 @@ def _count(condition) -> jnp.ndarray:
     return jnp.sum(condition, dtype=jnp.int32)
 
 
-def _warn_failed(messages, oks, numbers) -> None:
-    """The host side: one :class:`CheckWarning` per failed check, nothing otherwise.
+def warn_failed(messages, oks, numbers) -> None:
+    """The host side of :func:`report`: one :class:`CheckWarning` per failed check.
 
-    Under ``vmap`` every value carries the mapped axes in front (see :func:`_reporter`);
-    the message then reports the numbers of the first failing index.
+    A passed check returns at once, its message unformatted. Under ``vmap`` every value
+    carries the mapped axes in front (see :func:`_reporter`); the message then reports the
+    numbers of the first failing index.
     """
     for message, ok, values in zip(messages, oks, numbers, strict=True):
         ok = np.asarray(ok)
@@ -148,7 +149,7 @@ def _reporter(messages: tuple[str, ...]):
 
     @custom_batching.custom_vmap
     def callback(oks, numbers):
-        jax.debug.callback(functools.partial(_warn_failed, messages), oks, numbers)
+        jax.debug.callback(functools.partial(warn_failed, messages), oks, numbers)
         return oks
 
     @callback.def_vmap
@@ -171,10 +172,8 @@ def report(checks: list[Check]) -> None:
     """
     for check in checks:
         checkify.debug_check(check.ok, check.message, **check.numbers)
-    messages = tuple(check.message for check in checks)
-    _reporter(messages)(
-        tuple(check.ok for check in checks), tuple(check.numbers for check in checks)
-    )
+    oks, messages, numbers = zip(*checks, strict=True)
+    _reporter(messages)(oks, numbers)
 
 
 def state_checks(state, *, training: bool, update_stats: bool) -> list[Check]:
@@ -203,13 +202,8 @@ def state_checks(state, *, training: bool, update_stats: bool) -> list[Check]:
         at_init = (count == 0) & jnp.all(mean == 0) & jnp.all(var == 1)
         checks.append(Check(~at_init, NEVER_UPDATED, {"count": count}))
     negative, nonfinite = _count(var < 0), _count(~jnp.isfinite(var))
-    checks.append(
-        Check(
-            (negative == 0) & (nonfinite == 0),
-            BAD_RUNNING_VAR,
-            {"negative": negative, "nonfinite": nonfinite},
-        )
-    )
+    var_numbers = {"negative": negative, "nonfinite": nonfinite}
+    checks.append(Check((negative == 0) & (nonfinite == 0), BAD_RUNNING_VAR, var_numbers))
     nonfinite_mean = _count(~jnp.isfinite(mean))
     checks.append(Check(nonfinite_mean == 0, BAD_RUNNING_MEAN, {"nonfinite": nonfinite_mean}))
     return checks
@@ -226,10 +220,7 @@ def input_check(x, mask) -> Check:
     Returns:
       The check, for :func:`report`.
     """
-    bad = ~jnp.isfinite(x)
-    if mask is not None:
-        bad = bad & mask
-    count = _count(bad)
+    count = _count(~jnp.isfinite(x) if mask is None else ~jnp.isfinite(x) & mask)
     return Check(count == 0, NONFINITE_INPUT, {"bad": count})
 
 
