@@ -176,54 +176,6 @@ def report(checks: list[Check]) -> None:
     _reporter(messages)(oks, numbers)
 
 
-def state_checks(state, *, training: bool, update_stats: bool) -> list[Check]:
-    """The checks of the running statistics that ``apply`` is about to use or update.
-
-    The never-updated check fires only on a count of 0 with the statistics still exactly
-    at init (mean all 0, var all 1). Statistics imported without a count
-    (``interop.from_flax``, ``from_keras``, Flax variables) come with a count of 0 but
-    trained values, and pass. ``training=False, update_stats=True`` on a fresh state is
-    recalibration, the way to estimate statistics without using batch statistics, so it
-    is not checked for that.
-
-    Args:
-      state: the ``BatchNormState`` given to ``apply``; ``mean`` and ``var`` of the
-        feature shape, ``count`` an int scalar.
-      training: the ``training`` argument of ``apply``.
-      update_stats: the resolved ``update_stats`` argument of ``apply``.
-
-    Returns:
-      The checks, for :func:`report`.
-    """
-    mean, var = jnp.asarray(state.mean), jnp.asarray(state.var)
-    checks = []
-    if not training and not update_stats:
-        count = jnp.asarray(state.count, jnp.int32)
-        at_init = (count == 0) & jnp.all(mean == 0) & jnp.all(var == 1)
-        checks.append(Check(~at_init, NEVER_UPDATED, {"count": count}))
-    negative, nonfinite = _count(var < 0), _count(~jnp.isfinite(var))
-    var_numbers = {"negative": negative, "nonfinite": nonfinite}
-    checks.append(Check((negative == 0) & (nonfinite == 0), BAD_RUNNING_VAR, var_numbers))
-    nonfinite_mean = _count(~jnp.isfinite(mean))
-    checks.append(Check(nonfinite_mean == 0, BAD_RUNNING_MEAN, {"nonfinite": nonfinite_mean}))
-    return checks
-
-
-def input_check(x, mask) -> Check:
-    """The check that every element counted in the batch statistics is finite.
-
-    Args:
-      x: the input of ``apply``, any shape.
-      mask: None, or a bool mask already reshaped to broadcast against ``x``; elements
-        it leaves out may hold anything, NaN included.
-
-    Returns:
-      The check, for :func:`report`.
-    """
-    count = _count(~jnp.isfinite(x) if mask is None else ~jnp.isfinite(x) & mask)
-    return Check(count == 0, NONFINITE_INPUT, {"bad": count})
-
-
 def check_update(state, moments) -> None:
     """Checks that a batch's statistics fit the state's dtype, so the update is not skipped.
 
@@ -252,14 +204,36 @@ def check_update(state, moments) -> None:
 def check_apply(state, x, mask, *, training: bool, update_stats: bool) -> None:
     """All runtime checks of one ``apply`` call before its update, in one callback.
 
+    The running statistics ``apply`` is about to use or update must be finite (and the
+    variance >= 0), and so must every element of ``x`` counted in the batch statistics
+    when the call computes them. The never-updated check fires only on a count of 0 with
+    the statistics still exactly at init (mean all 0, var all 1). Statistics imported
+    without a count (``interop.from_flax``, ``from_keras``, Flax variables) come with a
+    count of 0 but trained values, and pass. ``training=False, update_stats=True`` on a
+    fresh state is recalibration, the way to estimate statistics without using batch
+    statistics, so it is not checked for that.
+
     Args:
-      state: the ``BatchNormState`` given to ``apply``.
+      state: the ``BatchNormState`` given to ``apply``; ``mean`` and ``var`` of the
+        feature shape, ``count`` an int scalar.
       x: the input, any shape.
-      mask: None or a bool mask broadcastable to ``x``.
+      mask: None, or a bool mask already reshaped to broadcast against ``x``; elements
+        it leaves out may hold anything, NaN included.
       training: the ``training`` argument of ``apply``.
       update_stats: the resolved ``update_stats`` argument of ``apply``.
     """
-    checks = state_checks(state, training=training, update_stats=update_stats)
+    mean, var = jnp.asarray(state.mean), jnp.asarray(state.var)
+    checks = []
+    if not training and not update_stats:
+        count = jnp.asarray(state.count, jnp.int32)
+        at_init = (count == 0) & jnp.all(mean == 0) & jnp.all(var == 1)
+        checks.append(Check(~at_init, NEVER_UPDATED, {"count": count}))
+    negative, nonfinite = _count(var < 0), _count(~jnp.isfinite(var))
+    var_numbers = {"negative": negative, "nonfinite": nonfinite}
+    checks.append(Check((negative == 0) & (nonfinite == 0), BAD_RUNNING_VAR, var_numbers))
+    nonfinite_mean = _count(~jnp.isfinite(mean))
+    checks.append(Check(nonfinite_mean == 0, BAD_RUNNING_MEAN, {"nonfinite": nonfinite_mean}))
     if training or update_stats:
-        checks.append(input_check(x, mask))
+        bad = _count(~jnp.isfinite(x) if mask is None else ~jnp.isfinite(x) & mask)
+        checks.append(Check(bad == 0, NONFINITE_INPUT, {"bad": bad}))
     report(checks)
