@@ -64,12 +64,13 @@ def _root_names(fn, n_args: int) -> list[str]:
     return names + [f"args[{i}]" for i in range(len(names), n_args)]
 
 
-def _arrays(named_trees) -> tuple[list[str], list]:
-    """The readable names and the values of the array leaves of ``(root, tree)`` pairs."""
+def _arrays(named_trees, types) -> tuple[list[str], list]:
+    """The readable names and the values of the leaves of ``types`` in ``(root, tree)``
+    pairs, in the order of the pairs and of ``jax.tree`` within each."""
     names, leaves = [], []
     for root, tree in named_trees:
         for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-            if isinstance(leaf, jax.Array):
+            if isinstance(leaf, types):
                 names.append(root + jax.tree_util.keystr(tuple(path)))
                 leaves.append(leaf)
     return names, leaves
@@ -87,30 +88,23 @@ def trace(fn: Callable, args: tuple, kwargs: dict) -> Traced:
       A :class:`Traced`. Its outputs are ``fn``'s array output leaves, then the leaves of
       the NNX modules among the arguments as they are after the call.
     """
-    flat, tree = jax.tree_util.tree_flatten_with_path((args, kwargs))
     array_types = (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct)
-    where = [i for i, (_, leaf) in enumerate(flat) if isinstance(leaf, array_types)]
-    roots = _root_names(fn, len(args))
-    in_names = []
-    for i in where:
-        group, key, *rest = flat[i][0]  # (args, kwargs), then the position or the keyword
-        root = roots[key.idx] if group.idx == 0 else str(key.key)
-        in_names.append(root + jax.tree_util.keystr(tuple(rest)))
-    leaves = [leaf for _, leaf in flat]
+    # Keyword arguments in sorted order, as jax.tree flattens a dict.
+    named_args = [*zip(_root_names(fn, len(args)), args, strict=True), *sorted(kwargs.items())]
+    in_names, dynamic = _arrays(named_args, array_types)
     out_names: list[str] = []
 
     def run(*arrays):
-        values = list(leaves)
-        for i, a in zip(where, arrays, strict=True):
-            values[i] = a
-        a, kw = jax.tree.unflatten(tree, values)
+        new = iter(arrays)  # in the order of dynamic
+        a, kw = jax.tree.map(
+            lambda x: next(new) if isinstance(x, array_types) else x, (args, kwargs)
+        )
         out = fn(*a, **kw)
         nodes = [(f"module[{k}]", node) for k, node in enumerate(_graph_nodes((a, kw)))]
-        names, outs = _arrays([("output", out), *nodes])
+        names, outs = _arrays([("output", out), *nodes], jax.Array)
         out_names[:] = names
         return outs
 
-    dynamic = [leaves[i] for i in where]
     jaxpr = jax.make_jaxpr(run)(*dynamic)  # abstract: arrays and structs alike
     return Traced(jaxpr=jaxpr, run=run, in_names=in_names, out_names=list(out_names),
                   dynamic=dynamic, fn_name=getattr(fn, "__name__", repr(fn)))  # fmt: skip
