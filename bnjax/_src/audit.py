@@ -54,12 +54,8 @@ def layer_name(leaf_name: str) -> str:
 
 def where(call: dataflow.Call, traced: tracing.Traced) -> str:
     """The most readable name of ``call``'s BatchNorm that is known."""
-    if call.label:
-        return call.label
-    for lineage in call.state_lineage:
-        if lineage is not None:
-            return layer_name(traced.in_names[lineage])
-    return call.line
+    known = [traced.in_names[leaf] for leaf in call.state_lineage if leaf is not None]
+    return call.label or (layer_name(known[0]) if known else call.line)
 
 
 def audit(fn: Callable, *args, expect: str | None = None, **kwargs) -> list[Finding]:
