@@ -55,9 +55,6 @@ class Fact:
     lineage: int | None = None
 
 
-_NONE = Fact()
-
-
 def join(a: Fact, b: Fact) -> Fact:
     """The fact about a value that may be either ``a`` or ``b``."""
     return Fact(
@@ -137,7 +134,7 @@ class _Walk:
         env = dict(zip(jaxpr.invars, facts, strict=True))
 
         def read(v):
-            return _NONE if isinstance(v, jex_core.Literal) else env.get(v, _NONE)
+            return Fact() if isinstance(v, jex_core.Literal) else env.get(v, Fact())
 
         for eqn in jaxpr.eqns:
             outs = self.eqn(eqn, [read(v) for v in eqn.invars], repeats)
@@ -178,21 +175,19 @@ class _Walk:
     def mark(self, eqn, ins, repeats):
         p = eqn.params
         around = tuple(self.around)
-        site = (around, p["call_id"])
         if p["role"] == "call":
-            state = ins[1:]
-            call = self.calls.get((around, id(eqn)))
-            if call is None:
-                marked = {k: v for k, v in p.items() if k != "role"}  # Call's fields
-                call = Call(uid=len(self.calls), state_lineage=(), state_same=(),
-                            repeats=repeats, line=_frame(eqn), **marked)  # fmt: skip
-                self.calls[(around, id(eqn))] = call
-            if call.state_lineage == () or self.loops:  # a loop body walked again: wider facts
-                call.state_lineage = tuple(f.lineage for f in state)
-                call.state_same = tuple(f.same for f in state)
-            self.sites[site] = call
+            lineage = tuple(f.lineage for f in ins[1:])  # ins: y, then the state's leaves
+            same = tuple(f.same for f in ins[1:])
+            marked = {k: v for k, v in p.items() if k != "role"}  # the rest are Call's fields
+            new = Call(uid=len(self.calls), state_lineage=lineage, state_same=same,
+                       repeats=repeats, line=_frame(eqn), **marked)  # fmt: skip
+            call = self.calls.setdefault((around, id(eqn)), new)
+            if self.loops:  # a loop body walked again: wider facts
+                call.state_lineage = lineage
+                call.state_same = same
+            self.sites[(around, p["call_id"])] = call
             return list(ins)
-        call = self.sites.get(site)
+        call = self.sites.get((around, p["call_id"]))
         if call is None:  # not beside its call mark: the latest call of the same mark
             same_mark = [c for (_, c_id), c in self.sites.items() if c_id == p["call_id"]]
             call = max(same_mark, key=lambda c: c.uid, default=None)
@@ -208,8 +203,7 @@ class _Walk:
         nc, nk = p["num_consts"], p["num_carry"]
         inner = None if repeats is None else repeats * int(p["length"])
         consts, carry, xs = ins[:nc], ins[nc : nc + nk], _sliced(ins[nc + nk :])
-        outs = self._loop(p["jaxpr"].jaxpr, lambda c: consts + c + xs, carry, inner, eqn)
-        return outs[:nk] + _sliced(outs[nk:])
+        return self._loop(p["jaxpr"].jaxpr, lambda c: consts + c + xs, carry, inner, eqn)
 
     def while_(self, eqn, ins):
         p = eqn.params
@@ -217,13 +211,14 @@ class _Walk:
         bconsts, carry = ins[cn : cn + bn], ins[cn + bn :]
         outs = self._loop(p["body_jaxpr"].jaxpr, lambda c: bconsts + c, carry, None, eqn)
         cond = p["cond_jaxpr"].jaxpr
-        self.jaxpr(cond, [_NONE] * len(cond.invars), None, eqn)
+        self.jaxpr(cond, [Fact()] * len(cond.invars), None, eqn)
         return outs
 
     def _loop(self, body, inputs, carry, repeats, eqn):
-        """The body walked to a fixed point of its carry; the last walk's outputs with the
-        joined carry first. Each round can only widen a fact, and a chain through the
-        carries is at most ``len(carry)`` long, so ``len(carry) + 2`` rounds suffice."""
+        """The body walked to a fixed point of its carry: the joined carry, then the last
+        walk's other outputs (a scan's stacked ys). Each round can only widen a fact, and a
+        chain through the carries is at most ``len(carry)`` long, so ``len(carry) + 2``
+        rounds suffice."""
         nk = len(carry)
         self.loops += 1
         for _ in range(nk + 2):
@@ -233,7 +228,7 @@ class _Walk:
                 break
             carry = new
         self.loops -= 1
-        return carry + outs[nk:]
+        return carry + _sliced(outs[nk:])
 
 
 def flow(jaxpr) -> tuple[list[Fact], list[Call], dict[int, int]]:
@@ -249,8 +244,7 @@ def flow(jaxpr) -> tuple[list[Fact], list[Call], dict[int, int]]:
       included, to the number of the call it is (use it on ``reach`` and ``carry``).
     """
     walk = _Walk()
-    inner = jaxpr.jaxpr
-    outs = walk.jaxpr(inner, [Fact(same=i, lineage=i) for i in range(len(inner.invars))], 1)
+    outs = walk.jaxpr(jaxpr.jaxpr, [Fact(same=i, lineage=i) for i in range(len(jaxpr.in_avals))], 1)
     first: dict[tuple, int] = {}  # (mark, input state) -> the first call's number
     found = walk.calls.values()  # in the order found
     alias = {c.uid: first.setdefault((c.call_id, c.state_lineage), c.uid) for c in found}
