@@ -109,10 +109,8 @@ def _frame(eqn) -> str:
 
 def _either(index: Fact, cases) -> list[Fact]:
     """The facts of outputs chosen by ``index`` among ``cases`` (a list of facts each)."""
-    return [
-        dataclasses.replace(f, reach=f.reach | index.reach)
-        for f in (functools.reduce(join, fs) for fs in zip(*cases, strict=True))
-    ]
+    joined = [functools.reduce(join, facts) for facts in zip(*cases, strict=True)]
+    return [dataclasses.replace(f, reach=f.reach | index.reach) for f in joined]
 
 
 def _sliced(facts) -> list[Fact]:
@@ -125,7 +123,6 @@ class _Walk:
 
     def __init__(self):
         self.calls: dict[tuple, Call] = {}  # by place: enclosing equations and the mark
-        self.sites: dict[tuple, Call] = {}  # (enclosing equations, call_id) -> call
         self.around: list[int] = []  # ids of the equations being walked into
         self.loops = 0  # the depth of loop bodies being walked
 
@@ -185,12 +182,11 @@ class _Walk:
             if self.loops:  # a loop body walked again: wider facts
                 call.state_lineage = lineage
                 call.state_same = same
-            self.sites[(around, p["call_id"])] = call
             return list(ins)
-        call = self.sites.get((around, p["call_id"]))
-        if call is None:  # not beside its call mark: the latest call of the same mark
-            same_mark = [c for (_, c_id), c in self.sites.items() if c_id == p["call_id"]]
-            call = max(same_mark, key=lambda c: c.uid, default=None)
+        # The call of this mark beside it, else (not beside its call mark) the latest one.
+        same_mark = {place: c for place, c in self.calls.items() if c.call_id == p["call_id"]}
+        beside = [c for (where, _), c in same_mark.items() if where == around]
+        call = max(beside or same_mark.values(), key=lambda c: c.uid, default=None)
         uid, lineage = (-1, ()) if call is None else (call.uid, call.state_lineage)
         return [
             Fact(reach=f.reach | {uid}, carry=f.carry | {uid},
