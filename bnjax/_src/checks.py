@@ -124,10 +124,9 @@ def warn_failed(messages, oks, numbers) -> None:
     numbers of the first failing index.
     """
     for message, ok, values in zip(messages, oks, numbers, strict=True):
-        ok = np.asarray(ok)
-        if ok.all():
+        failed = np.argwhere(~np.asarray(ok))
+        if not len(failed):
             continue
-        failed = np.argwhere(~ok)
         first = tuple(int(i) for i in failed[0])
         text = message.format(**{k: np.asarray(v)[first].item() for k, v in values.items()})
         if first:
@@ -188,8 +187,7 @@ def check_update(state, moments) -> None:
     acc = jnp.result_type(moments.var)
     big = jnp.asarray(min(float(jnp.finfo(jnp.result_type(state.var)).max),
                           float(jnp.finfo(acc).max)), acc)  # fmt: skip
-    finite = moments.finite()
-    overflow = finite & ((moments.var > big) | (jnp.abs(moments.mean) > big))
+    overflow = moments.finite() & ((moments.var > big) | (jnp.abs(moments.mean) > big))
     # Without a mask each chunk's count is a scalar: stacked over virtual batches it is
     # (chunks,), which must pair with the chunk axis of the keep-dims moments.
     count = jnp.asarray(moments.n)
