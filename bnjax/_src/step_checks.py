@@ -69,9 +69,7 @@ def check_train_step(step: Callable, *args, **kwargs) -> None:
       TypeError: ``step`` is not callable, or an argument is a ``jax.ShapeDtypeStruct``.
     """
     traced, facts, calls, ins, outs = _prepare(step, args, kwargs)
-    problems = []
-    if not calls:
-        problems.append(f"no bnjax BatchNorm call was found in {traced.fn_name}")
+    problems = [] if calls else [f"no bnjax BatchNorm call was found in {traced.fn_name}"]
     for lineage, layer in _layers(calls).items():
         name = audit_lib.where(layer[0], traced)
         problems += [f"{name}: {p}" for p in _train_problems(lineage, layer, facts, ins, outs)]

@@ -161,10 +161,8 @@ def check_trees(params, state, feat, scale: bool, center: bool):
     the feature shape ``feat`` (``scale``/``bias`` only where enabled); returns the
     statistics ``state`` normalizes with (``state.running``)."""
     running = getattr(state, "running", state)
-    for name, tree, kind in (
-        ("params", params, BatchNormParams),
-        ("state", running, BatchNormState),
-    ):
+    trees = {"params": (params, BatchNormParams), "state": (running, BatchNormState)}
+    for name, (tree, kind) in trees.items():
         missing = [f for f in kind._fields if not hasattr(tree, f)]
         if not missing:
             continue
@@ -188,10 +186,9 @@ def check_trees(params, state, feat, scale: bool, center: bool):
     check_leaf("state.mean", running.mean, feat)
     check_leaf("state.var", running.var, feat)
     check_leaf("state.count", running.count, ())
-    if not jnp.issubdtype(jnp.result_type(running.count), jnp.integer):
-        raise TypeError(
-            f"state.count must be an integer scalar; got dtype {jnp.result_type(running.count)}"
-        )
+    count_dtype = jnp.result_type(running.count)
+    if not jnp.issubdtype(count_dtype, jnp.integer):
+        raise TypeError(f"state.count must be an integer scalar; got dtype {count_dtype}")
     return running
 
 
