@@ -48,6 +48,12 @@ def _returned(lineage, facts) -> list[int]:
     return [i for i, f in enumerate(facts) if lineage is not None and f.lineage == lineage]
 
 
+def _changed(lineage, facts, ins, outs) -> list[tuple[int, int]]:
+    """The (argument leaf, output leaf) pairs of a layer's state whose values differ."""
+    pairs = [(leaf, i) for leaf in lineage for i in _returned(leaf, facts)]
+    return [(a, i) for a, i in pairs if not np.array_equal(outs[i], ins[a], equal_nan=True)]
+
+
 def check_train_step(step: Callable, *args, **kwargs) -> None:
     """Runs ``step`` once, jitted, and checks that every BatchNorm state advanced.
 
@@ -98,12 +104,9 @@ def _train_problems(lineage, layer, facts, ins, outs) -> list[str]:
         return ["its new state is not among the step's outputs (the update was dropped)"]
     if not updates[0].accumulator and len(lineage) == 3 and lineage[2] is not None:
         return _count_problems(lineage[2], returned[2], updates, ins, outs)
-    changed = any(
-        not np.array_equal(outs[i], ins[leaf], equal_nan=True)
-        for leaf, rs in zip(lineage, returned, strict=True)
-        for i in rs
-    )
-    return [] if changed else ["its returned statistics are the ones it was given, unchanged"]
+    if _changed(lineage, facts, ins, outs):
+        return []
+    return ["its returned statistics are the ones it was given, unchanged"]
 
 
 def _count_problems(count, returned, updates, ins, outs) -> list[str]:
@@ -143,11 +146,9 @@ def check_eval_step(step: Callable, *args, **kwargs) -> None:
                 "in an evaluation step" for c in calls if c.training]  # fmt: skip
     for lineage, layer in _layers(calls).items():
         name = audit_lib.where(layer[0], traced)
-        for leaf in lineage:
-            for i in _returned(leaf, facts):
-                if not np.array_equal(outs[i], ins[leaf], equal_nan=True):
-                    problems.append(f"{name}: {traced.out_names[i]} changed in an evaluation "
-                                    f"step (it was {traced.in_names[leaf]})")  # fmt: skip
+        for leaf, i in _changed(lineage, facts, ins, outs):
+            problems.append(f"{name}: {traced.out_names[i]} changed in an evaluation step (it "
+                            f"was {traced.in_names[leaf]})")  # fmt: skip
     if problems:
         raise AssertionError(_report("evaluation step", traced.fn_name, problems))
 
