@@ -124,7 +124,6 @@ class _Walk:
     def __init__(self):
         self.calls: dict[tuple, Call] = {}  # by place: enclosing equations and the mark
         self.around: list[int] = []  # ids of the equations being walked into
-        self.loops = 0  # the depth of loop bodies being walked
 
     def jaxpr(self, jaxpr, facts, repeats, within=None):
         self.around.append(id(within))
@@ -139,14 +138,11 @@ class _Walk:
         self.around.pop()
         return [read(v) for v in jaxpr.outvars]
 
-    def eqn(self, eqn, ins, repeats):  # noqa: PLR0911
+    def eqn(self, eqn, ins, repeats):
         name = eqn.primitive.name
-        if eqn.primitive is mark_p:
-            return self.mark(eqn, ins, repeats)
-        if name == "scan":
-            return self.scan(eqn, ins, repeats)
-        if name == "while":
-            return self.while_(eqn, ins)
+        rule = {mark_p.name: self.mark, "scan": self.scan, "while": self.while_}.get(name)
+        if rule is not None:
+            return rule(eqn, ins, repeats)
         if name == "cond":  # each branch runs at most once
             branches = eqn.params["branches"]
             return _either(ins[0], [self.jaxpr(b.jaxpr, ins[1:], None, eqn) for b in branches])
@@ -173,15 +169,13 @@ class _Walk:
         p = eqn.params
         around = tuple(self.around)
         if p["role"] == "call":
-            lineage = tuple(f.lineage for f in ins[1:])  # ins: y, then the state's leaves
-            same = tuple(f.same for f in ins[1:])
             marked = {k: v for k, v in p.items() if k != "role"}  # the rest are Call's fields
-            new = Call(uid=len(self.calls), state_lineage=lineage, state_same=same,
-                       repeats=repeats, line=_frame(eqn), **marked)  # fmt: skip
+            new = Call(uid=len(self.calls), state_lineage=(), state_same=(), repeats=repeats,
+                       line=_frame(eqn), **marked)  # fmt: skip
             call = self.calls.setdefault((around, id(eqn)), new)
-            if self.loops:  # a loop body walked again: wider facts
-                call.state_lineage = lineage
-                call.state_same = same
+            # Only a loop body is walked again (with wider facts): the last walk's facts.
+            call.state_lineage = tuple(f.lineage for f in ins[1:])  # ins: y, then the state
+            call.state_same = tuple(f.same for f in ins[1:])
             return list(ins)
         # The call of this mark beside it, else (not beside its call mark) the latest one.
         same_mark = {place: c for place, c in self.calls.items() if c.call_id == p["call_id"]}
@@ -201,7 +195,7 @@ class _Walk:
         consts, carry, xs = ins[:nc], ins[nc : nc + nk], _sliced(ins[nc + nk :])
         return self._loop(p["jaxpr"].jaxpr, lambda c: consts + c + xs, carry, inner, eqn)
 
-    def while_(self, eqn, ins):
+    def while_(self, eqn, ins, _):  # repeats: None, the number of passes is unknown
         p = eqn.params
         cn, bn = p["cond_nconsts"], p["body_nconsts"]
         bconsts, carry = ins[cn : cn + bn], ins[cn + bn :]
@@ -216,14 +210,12 @@ class _Walk:
         chain through the carries is at most ``len(carry)`` long, so ``len(carry) + 2``
         rounds suffice."""
         nk = len(carry)
-        self.loops += 1
         for _ in range(nk + 2):
             outs = self.jaxpr(body, inputs(carry), repeats, eqn)
             new = [join(c, o) for c, o in zip(carry, outs[:nk], strict=True)]
             if new == carry:
                 break
             carry = new
-        self.loops -= 1
         return carry + _sliced(outs[nk:])
 
 
