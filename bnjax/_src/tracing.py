@@ -19,6 +19,9 @@ from typing import Any
 import jax
 import numpy as np
 
+# The argument leaves traced as arrays: the others stay static, as in a Python call.
+_ARRAYS = (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct)
+
 
 @dataclasses.dataclass
 class Traced:
@@ -88,17 +91,14 @@ def trace(fn: Callable, args: tuple, kwargs: dict) -> Traced:
       A :class:`Traced`. Its outputs are ``fn``'s array output leaves, then the leaves of
       the NNX modules among the arguments as they are after the call.
     """
-    array_types = (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct)
     # Keyword arguments in sorted order, as jax.tree flattens a dict.
     named_args = [*zip(_root_names(fn, len(args)), args, strict=True), *sorted(kwargs.items())]
-    in_names, dynamic = _arrays(named_args, array_types)
+    in_names, dynamic = _arrays(named_args, _ARRAYS)
     out_names: list[str] = []
 
     def run(*arrays):
-        new = iter(arrays)  # in the order of dynamic
-        a, kw = jax.tree.map(
-            lambda x: next(new) if isinstance(x, array_types) else x, (args, kwargs)
-        )
+        it = iter(arrays)  # in the order of dynamic
+        a, kw = jax.tree.map(lambda x: next(it) if isinstance(x, _ARRAYS) else x, (args, kwargs))
         out = fn(*a, **kw)
         nodes = [(f"module[{k}]", node) for k, node in enumerate(_graph_nodes((a, kw)))]
         names, outs = _arrays([("output", out), *nodes], jax.Array)
