@@ -22,10 +22,8 @@ def _layers(calls: list) -> dict[tuple, list[dataflow.Call]]:
     """The calls grouped by layer: the argument leaves their state descends from (a key
     of all None: states that come from no argument leaf, made inside the step or
     reshaped beyond recognition)."""
-    layers: dict[tuple, list[dataflow.Call]] = {}
-    for call in calls:
-        layers.setdefault(call.state_lineage, []).append(call)
-    return layers
+    lineages = dict.fromkeys(c.state_lineage for c in calls)  # in the order of the calls
+    return {lin: [c for c in calls if c.state_lineage == lin] for lin in lineages}
 
 
 def _prepare(step, args, kwargs):
