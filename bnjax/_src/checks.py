@@ -226,9 +226,8 @@ def check_apply(state, x, mask, *, training: bool, update_stats: bool) -> None:
         count = jnp.asarray(state.count, jnp.int32)
         at_init = (count == 0) & jnp.all(mean == 0) & jnp.all(var == 1)
         checks.append(Check(~at_init, NEVER_UPDATED, {"count": count}))
-    negative, nonfinite = _count(var < 0), _count(~jnp.isfinite(var))
-    var_numbers = {"negative": negative, "nonfinite": nonfinite}
-    checks.append(Check((negative == 0) & (nonfinite == 0), BAD_RUNNING_VAR, var_numbers))
+    var_numbers = {"negative": _count(var < 0), "nonfinite": _count(~jnp.isfinite(var))}
+    checks.append(Check(sum(var_numbers.values()) == 0, BAD_RUNNING_VAR, var_numbers))
     nonfinite_mean = _count(~jnp.isfinite(mean))
     checks.append(Check(nonfinite_mean == 0, BAD_RUNNING_MEAN, {"nonfinite": nonfinite_mean}))
     if training or update_stats:

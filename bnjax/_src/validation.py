@@ -13,6 +13,7 @@ from bnjax._src.types import BatchNormParams, BatchNormState
 
 AVERAGING = ("ema", "debiased", "cumulative")
 RUNNING_VAR = ("biased", "unbiased")
+_FROM_FLAX = "Flax variables convert with bnjax.interop.from_flax(variables) -> (params, state)"
 
 
 def _is_int(value) -> bool:
@@ -168,11 +169,7 @@ def check_trees(params, state, feat, scale: bool, center: bool):
             continue
         got = f"{type(tree).__name__} without {missing}"
         if isinstance(tree, Mapping):
-            keys = sorted(map(str, tree))
-            got = (
-                f"a {type(tree).__name__} with keys {keys}. Flax variables convert with "
-                "bnjax.interop.from_flax(variables) -> (params, state)"
-            )
+            got = f"a {type(tree).__name__} with keys {sorted(map(str, tree))}. {_FROM_FLAX}"
         raise TypeError(f"{name} must be a {kind.__name__} with fields {kind._fields}; got {got}")
     if not hasattr(state, "fold"):
         raise TypeError(
