@@ -349,9 +349,9 @@ def test_scan_and_grad_of_a_checked_apply_run_and_warn(maybe_jit):
 
 def test_host_callback_returns_at_once_when_every_check_passed():
     """The message is only formatted for a failed check (here it could not be)."""
-    runtime_checks._warn_failed(("{absent}",), (np.bool_(True),), ({},))
+    runtime_checks.warn_failed(("{absent}",), (np.bool_(True),), ({},))
     with pytest.warns(bnjax.CheckWarning, match="at vmapped index 1 \\(and 1 more\\): 2 bad"):
-        runtime_checks._warn_failed(
+        runtime_checks.warn_failed(
             ("{bad} bad",), (np.array([True, False, False]),), ({"bad": np.array([0, 2, 3])},)
         )
 

@@ -16,10 +16,6 @@ from collections.abc import Callable
 
 from bnjax._src import dataflow, tracing
 
-KINDS = ("discarded_update", "stale_state", "eval_updates_state", "training_in_eval",
-         "no_training_call")  # fmt: skip
-EXPECT = (None, "train", "eval")
-
 
 @dataclasses.dataclass(frozen=True)
 class Finding:
@@ -45,25 +41,21 @@ class Finding:
         return f"{self.kind} at {self.where}: {self.message}"
 
 
-_FIELD = re.compile(r"(\.value|\['value'\])?$")
-_LEAF = re.compile(r"(\.|\[')(mean|var|count|pivot|delta)('\])?$")
-_ACC = re.compile(r"\.state$")
+# An accumulator's ``.state``, the leaf's field, an NNX Variable's ``.value``: each optional.
+_LEAF = re.compile(
+    r"(\.state)?((\.|\[')(mean|var|count|pivot|delta)('\])?)?(\.value|\['value'\])?$"
+)
 
 
 def layer_name(leaf_name: str) -> str:
     """``bn_state['block1'].mean`` -> ``bn_state['block1']``: a state leaf's layer."""
-    name = _LEAF.sub("", _FIELD.sub("", leaf_name))
-    return _ACC.sub("", name)
+    return _LEAF.sub("", leaf_name, count=1)
 
 
 def where(call: dataflow.Call, traced: tracing.Traced) -> str:
     """The most readable name of ``call``'s BatchNorm that is known."""
-    if call.label:
-        return call.label
-    for lineage in call.state_lineage:
-        if lineage is not None:
-            return layer_name(traced.in_names[lineage])
-    return call.line
+    known = [traced.in_names[leaf] for leaf in call.state_lineage if leaf is not None]
+    return call.label or (layer_name(known[0]) if known else call.line)
 
 
 def audit(fn: Callable, *args, expect: str | None = None, **kwargs) -> list[Finding]:
@@ -109,7 +101,7 @@ def audit(fn: Callable, *args, expect: str | None = None, **kwargs) -> list[Find
     """
     if not callable(fn):
         raise TypeError(f"fn must be callable (the step to audit); got {fn!r}")
-    if expect not in EXPECT:
+    if expect not in (None, "train", "eval"):
         raise ValueError(f"expect must be None, 'train' or 'eval'; got {expect!r}")
     traced = tracing.trace(fn, args, kwargs)
     facts, calls, alias = dataflow.flow(traced.jaxpr)
@@ -124,53 +116,48 @@ def findings(traced, facts, calls, alias, *, expect) -> list[Finding]:
     returned_same = {f.same: i for i, f in enumerate(facts) if f.same is not None}
     out: list[Finding] = []
     for call in calls:
-        name = where(call, traced)
-        if expect == "eval":
-            if call.training:
-                out.append(Finding("training_in_eval", name, _TRAINING_IN_EVAL))
-            elif call.update_stats:
-                out.append(Finding("eval_updates_state", name, _EVAL_UPDATES))
-            continue
-        if not call.update_stats or call.uid in kept:  # update_stats: steps >= 1
-            continue
         stale = [returned_same[s] for s in call.state_same if s in returned_same]
-        if stale:
-            leaf = layer_name(traced.out_names[stale[0]])
-            out.append(Finding("stale_state", name, _STALE.format(leaf=leaf, mode=_mode(call))))
-        else:
-            out.append(Finding("discarded_update", name, _DISCARDED.format(mode=_mode(call))))
+        if expect == "eval":
+            kind = "training_in_eval" if call.training else "eval_updates_state"
+            lost = call.training or call.update_stats
+        else:  # update_stats: steps >= 1
+            kind = "stale_state" if stale else "discarded_update"
+            lost = call.update_stats and call.uid not in kept
+        if lost:
+            leaf = layer_name(traced.out_names[stale[0]]) if stale else None
+            mode = f"training={call.training}, update_stats={call.update_stats}"
+            message = _MESSAGES[kind].format(leaf=leaf, mode=mode)
+            out.append(Finding(kind, where(call, traced), message))
     if expect == "train" and not any(c.training for c in calls):
         if not calls:
-            return out + [Finding("no_training_call", traced.fn_name,
-                                  _NO_BATCHNORM)]  # fmt: skip
+            return out + [Finding("no_training_call", traced.fn_name, _NO_BATCHNORM)]
         out += [Finding("no_training_call", where(c, traced), _NO_TRAINING) for c in calls]
     return out
 
 
-def _mode(call: dataflow.Call) -> str:
-    return f"training={call.training}, update_stats={call.update_stats}"
-
-
-_DISCARDED = (
-    "this BatchNorm ran with {mode}, but its new state reaches none of the step's outputs, "
-    "so the next step and evaluation see the old running statistics (the forgotten "
-    "UPDATE_OPS of TF1). Return the state that apply returns (Flax linen: the updated "
-    "'batch_stats' from apply(..., mutable=['batch_stats']))."
-)
-_STALE = (
-    "the step returns {leaf}, the state it was given, unchanged, although this BatchNorm "
-    "ran with {mode} and computed a new state. Return the new state from apply instead."
-)
-_EVAL_UPDATES = (
-    "this BatchNorm runs with training=False, update_stats=True in an evaluation step: it "
-    "averages the evaluation batches into the running statistics. Pass update_stats=False "
-    "(the default with training=False)."
-)
-_TRAINING_IN_EVAL = (
-    "this BatchNorm runs with training=True in an evaluation step: it normalizes each "
-    "evaluation batch with that batch's own statistics, not the running ones. Pass "
-    "training=False (linen: use_running_average=True; NNX: call model.eval())."
-)
+_MESSAGES = {
+    "discarded_update": (
+        "this BatchNorm ran with {mode}, but its new state reaches none of the step's "
+        "outputs, so the next step and evaluation see the old running statistics (the "
+        "forgotten UPDATE_OPS of TF1). Return the state that apply returns (Flax linen: the "
+        "updated 'batch_stats' from apply(..., mutable=['batch_stats']))."
+    ),
+    "stale_state": (
+        "the step returns {leaf}, the state it was given, unchanged, although this "
+        "BatchNorm ran with {mode} and computed a new state. Return the new state from "
+        "apply instead."
+    ),
+    "eval_updates_state": (
+        "this BatchNorm runs with training=False, update_stats=True in an evaluation step: "
+        "it averages the evaluation batches into the running statistics. Pass "
+        "update_stats=False (the default with training=False)."
+    ),
+    "training_in_eval": (
+        "this BatchNorm runs with training=True in an evaluation step: it normalizes each "
+        "evaluation batch with that batch's own statistics, not the running ones. Pass "
+        "training=False (linen: use_running_average=True; NNX: call model.eval())."
+    ),
+}
 _NO_TRAINING = (
     "no BatchNorm runs in training mode in this train step, and this one runs with "
     "training=False: its statistics never learn from the data. Pass training=True "

@@ -116,17 +116,17 @@ def _count(condition) -> jnp.ndarray:
     return jnp.sum(condition, dtype=jnp.int32)
 
 
-def _warn_failed(messages, oks, numbers) -> None:
-    """The host side: one :class:`CheckWarning` per failed check, nothing otherwise.
+def warn_failed(messages, oks, numbers) -> None:
+    """The host side of :func:`report`: one :class:`CheckWarning` per failed check.
 
-    Under ``vmap`` every value carries the mapped axes in front (see :func:`_reporter`);
-    the message then reports the numbers of the first failing index.
+    A passed check returns at once, its message unformatted. Under ``vmap`` every value
+    carries the mapped axes in front (see :func:`_reporter`); the message then reports the
+    numbers of the first failing index.
     """
     for message, ok, values in zip(messages, oks, numbers, strict=True):
-        ok = np.asarray(ok)
-        if ok.all():
+        failed = np.argwhere(~np.asarray(ok))
+        if not len(failed):
             continue
-        failed = np.argwhere(~ok)
         first = tuple(int(i) for i in failed[0])
         text = message.format(**{k: np.asarray(v)[first].item() for k, v in values.items()})
         if first:
@@ -148,7 +148,7 @@ def _reporter(messages: tuple[str, ...]):
 
     @custom_batching.custom_vmap
     def callback(oks, numbers):
-        jax.debug.callback(functools.partial(_warn_failed, messages), oks, numbers)
+        jax.debug.callback(functools.partial(warn_failed, messages), oks, numbers)
         return oks
 
     @callback.def_vmap
@@ -171,66 +171,8 @@ def report(checks: list[Check]) -> None:
     """
     for check in checks:
         checkify.debug_check(check.ok, check.message, **check.numbers)
-    messages = tuple(check.message for check in checks)
-    _reporter(messages)(
-        tuple(check.ok for check in checks), tuple(check.numbers for check in checks)
-    )
-
-
-def state_checks(state, *, training: bool, update_stats: bool) -> list[Check]:
-    """The checks of the running statistics that ``apply`` is about to use or update.
-
-    The never-updated check fires only on a count of 0 with the statistics still exactly
-    at init (mean all 0, var all 1). Statistics imported without a count
-    (``interop.from_flax``, ``from_keras``, Flax variables) come with a count of 0 but
-    trained values, and pass. ``training=False, update_stats=True`` on a fresh state is
-    recalibration, the way to estimate statistics without using batch statistics, so it
-    is not checked for that.
-
-    Args:
-      state: the ``BatchNormState`` given to ``apply``; ``mean`` and ``var`` of the
-        feature shape, ``count`` an int scalar.
-      training: the ``training`` argument of ``apply``.
-      update_stats: the resolved ``update_stats`` argument of ``apply``.
-
-    Returns:
-      The checks, for :func:`report`.
-    """
-    mean, var = jnp.asarray(state.mean), jnp.asarray(state.var)
-    checks = []
-    if not training and not update_stats:
-        count = jnp.asarray(state.count, jnp.int32)
-        at_init = (count == 0) & jnp.all(mean == 0) & jnp.all(var == 1)
-        checks.append(Check(~at_init, NEVER_UPDATED, {"count": count}))
-    negative, nonfinite = _count(var < 0), _count(~jnp.isfinite(var))
-    checks.append(
-        Check(
-            (negative == 0) & (nonfinite == 0),
-            BAD_RUNNING_VAR,
-            {"negative": negative, "nonfinite": nonfinite},
-        )
-    )
-    nonfinite_mean = _count(~jnp.isfinite(mean))
-    checks.append(Check(nonfinite_mean == 0, BAD_RUNNING_MEAN, {"nonfinite": nonfinite_mean}))
-    return checks
-
-
-def input_check(x, mask) -> Check:
-    """The check that every element counted in the batch statistics is finite.
-
-    Args:
-      x: the input of ``apply``, any shape.
-      mask: None, or a bool mask already reshaped to broadcast against ``x``; elements
-        it leaves out may hold anything, NaN included.
-
-    Returns:
-      The check, for :func:`report`.
-    """
-    bad = ~jnp.isfinite(x)
-    if mask is not None:
-        bad = bad & mask
-    count = _count(bad)
-    return Check(count == 0, NONFINITE_INPUT, {"bad": count})
+    oks, messages, numbers = zip(*checks, strict=True)
+    _reporter(messages)(oks, numbers)
 
 
 def check_update(state, moments) -> None:
@@ -245,8 +187,7 @@ def check_update(state, moments) -> None:
     acc = jnp.result_type(moments.var)
     big = jnp.asarray(min(float(jnp.finfo(jnp.result_type(state.var)).max),
                           float(jnp.finfo(acc).max)), acc)  # fmt: skip
-    finite = moments.finite()
-    overflow = finite & ((moments.var > big) | (jnp.abs(moments.mean) > big))
+    overflow = moments.finite() & ((moments.var > big) | (jnp.abs(moments.mean) > big))
     # Without a mask each chunk's count is a scalar: stacked over virtual batches it is
     # (chunks,), which must pair with the chunk axis of the keep-dims moments.
     count = jnp.asarray(moments.n)
@@ -261,14 +202,35 @@ def check_update(state, moments) -> None:
 def check_apply(state, x, mask, *, training: bool, update_stats: bool) -> None:
     """All runtime checks of one ``apply`` call before its update, in one callback.
 
+    The running statistics ``apply`` is about to use or update must be finite (and the
+    variance >= 0), and so must every element of ``x`` counted in the batch statistics
+    when the call computes them. The never-updated check fires only on a count of 0 with
+    the statistics still exactly at init (mean all 0, var all 1). Statistics imported
+    without a count (``interop.from_flax``, ``from_keras``, Flax variables) come with a
+    count of 0 but trained values, and pass. ``training=False, update_stats=True`` on a
+    fresh state is recalibration, the way to estimate statistics without using batch
+    statistics, so it is not checked for that.
+
     Args:
-      state: the ``BatchNormState`` given to ``apply``.
+      state: the ``BatchNormState`` given to ``apply``; ``mean`` and ``var`` of the
+        feature shape, ``count`` an int scalar.
       x: the input, any shape.
-      mask: None or a bool mask broadcastable to ``x``.
+      mask: None, or a bool mask already reshaped to broadcast against ``x``; elements
+        it leaves out may hold anything, NaN included.
       training: the ``training`` argument of ``apply``.
       update_stats: the resolved ``update_stats`` argument of ``apply``.
     """
-    checks = state_checks(state, training=training, update_stats=update_stats)
+    mean, var = jnp.asarray(state.mean), jnp.asarray(state.var)
+    checks = []
+    if not training and not update_stats:
+        count = jnp.asarray(state.count, jnp.int32)
+        at_init = (count == 0) & jnp.all(mean == 0) & jnp.all(var == 1)
+        checks.append(Check(~at_init, NEVER_UPDATED, {"count": count}))
+    var_numbers = {"negative": _count(var < 0), "nonfinite": _count(~jnp.isfinite(var))}
+    checks.append(Check(sum(var_numbers.values()) == 0, BAD_RUNNING_VAR, var_numbers))
+    nonfinite_mean = _count(~jnp.isfinite(mean))
+    checks.append(Check(nonfinite_mean == 0, BAD_RUNNING_MEAN, {"nonfinite": nonfinite_mean}))
     if training or update_stats:
-        checks.append(input_check(x, mask))
+        bad = _count(~jnp.isfinite(x) if mask is None else ~jnp.isfinite(x) & mask)
+        checks.append(Check(bad == 0, NONFINITE_INPUT, {"bad": bad}))
     report(checks)

@@ -28,21 +28,21 @@ Known limit: a state kept in a mutable ``Ref`` (``jax.new_ref``, NNX variables m
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from jax.extend import core as jex_core
 
 from bnjax._src.marks import mark_p
 
-# Outputs equal to the inputs, value for value.
+# Outputs equal to the inputs, value for value (a reshaped state is still the state).
 _IDENTITY = {
     "copy", "device_put", "optimization_barrier", "pvary", "pbroadcast", "stop_gradient",
-    "sharding_constraint", "mesh_cast", "reshard",
+    "sharding_constraint", "mesh_cast", "reshard", "reshape", "squeeze",
 }  # fmt: skip
-# The same values in another shape: a reshaped state is still the state.
-_RESHAPE = {"reshape", "squeeze", "expand_dims"}
-# Outputs that hold their array inputs' values (stacked, cast, broadcast, updated in place).
-_HOLDS = {"convert_element_type", "concatenate", "broadcast_in_dim", "transpose",
-          "dynamic_update_slice", "pad"}  # fmt: skip
+# Outputs that hold their array inputs' values: cast or copied (the same values) ...
+_CAST = {"convert_element_type", "broadcast_in_dim", "transpose"}
+# ... or stacked and updated in place.
+_STACK = {"concatenate", "dynamic_update_slice", "pad"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,9 +53,6 @@ class Fact:
     carry: frozenset = frozenset()
     same: int | None = None
     lineage: int | None = None
-
-
-_NONE = Fact()
 
 
 def join(a: Fact, b: Fact) -> Fact:
@@ -110,22 +107,15 @@ def _frame(eqn) -> str:
     return "unknown line"
 
 
-def _subs(params) -> list:
-    """The Jaxprs among an equation's parameters, alone or in a tuple (as
-    ``custom_linear_solve`` keeps its four)."""
-    found = []
-    for param in params.values():
-        for p in param if isinstance(param, (tuple, list)) else (param,):
-            if isinstance(p, jex_core.ClosedJaxpr):
-                found.append(p.jaxpr)
-            elif isinstance(p, jex_core.Jaxpr):
-                found.append(p)
-    return found
+def _either(index: Fact, cases) -> list[Fact]:
+    """The facts of outputs chosen by ``index`` among ``cases`` (a list of facts each)."""
+    joined = [functools.reduce(join, facts) for facts in zip(*cases, strict=True)]
+    return [dataclasses.replace(f, reach=f.reach | index.reach) for f in joined]
 
 
-def _held(f: Fact, **kw) -> Fact:
-    """A value computed from ``f`` that holds its values (``carry`` kept)."""
-    return Fact(reach=f.reach, carry=f.carry, **kw)
+def _sliced(facts) -> list[Fact]:
+    """Slices of (or stacked into) ``facts``: their values held, not the leaves."""
+    return [dataclasses.replace(f, same=None) for f in facts]
 
 
 class _Walk:
@@ -133,66 +123,45 @@ class _Walk:
 
     def __init__(self):
         self.calls: dict[tuple, Call] = {}  # by place: enclosing equations and the mark
-        self.sites: dict[tuple, int] = {}  # (enclosing equations, call_id) -> uid
         self.around: list[int] = []  # ids of the equations being walked into
-        self.loops = 0  # the depth of loop bodies being walked
 
-    def jaxpr(self, jaxpr, facts, repeats, *, within=None):
-        if within is not None:
-            self.around.append(id(within))
-        env: dict = {}
+    def jaxpr(self, jaxpr, facts, repeats, within=None):
+        self.around.append(id(within))
+        env = dict(zip(jaxpr.invars, facts, strict=True))
 
         def read(v):
-            return _NONE if isinstance(v, jex_core.Literal) else env.get(v, _NONE)
+            return Fact() if isinstance(v, jex_core.Literal) else env.get(v, Fact())
 
-        for v, f in zip(jaxpr.invars, facts, strict=True):
-            env[v] = f
         for eqn in jaxpr.eqns:
             outs = self.eqn(eqn, [read(v) for v in eqn.invars], repeats)
-            for v, f in zip(eqn.outvars, outs, strict=True):
-                env[v] = f
-        if within is not None:
-            self.around.pop()
+            env.update(zip(eqn.outvars, outs, strict=True))
+        self.around.pop()
         return [read(v) for v in jaxpr.outvars]
 
-    def eqn(self, eqn, ins, repeats):  # noqa: PLR0911
+    def eqn(self, eqn, ins, repeats):
         name = eqn.primitive.name
-        if eqn.primitive is mark_p:
-            return self.mark(eqn, ins, repeats)
-        if name == "scan":
-            return self.scan(eqn, ins, repeats)
-        if name == "while":
-            return self.while_(eqn, ins)
-        if name == "cond":
-            index, *ops = ins
-            outs = None
-            for branch in eqn.params["branches"]:  # each branch runs at most once
-                got = self.jaxpr(branch.jaxpr, ops, None, within=eqn)
-                outs = got if outs is None else [join(a, b) for a, b in zip(outs, got, strict=True)]
-            return [dataclasses.replace(f, reach=f.reach | index.reach) for f in outs]
+        rule = {mark_p.name: self.mark, "scan": self.scan, "while": self.while_}.get(name)
+        if rule is not None:
+            return rule(eqn, ins, repeats)
+        if name == "cond":  # each branch runs at most once
+            branches = eqn.params["branches"]
+            return _either(ins[0], [self.jaxpr(b.jaxpr, ins[1:], None, eqn) for b in branches])
         if name == "select_n":
-            pred, *cases = ins
-            out = cases[0]
-            for case in cases[1:]:
-                out = join(out, case)
-            return [dataclasses.replace(out, reach=out.reach | pred.reach)]
-        subs = _subs(eqn.params)
+            return _either(ins[0], [[f] for f in ins[1:]])
+        subs = list(jex_core.jaxprs_in_params(eqn.params))
         n_in, n_out = len(ins), len(eqn.outvars)
         if len(subs) == 1 and (len(subs[0].invars), len(subs[0].outvars)) == (n_in, n_out):
             # a call: jit, checkpoint, custom_jvp/vjp, shard_map, pmap, ...
-            return self.jaxpr(subs[0], ins, repeats, within=eqn)
+            return self.jaxpr(subs[0], ins, repeats, eqn)
         reach = frozenset().union(*(f.reach for f in ins))
         for s in subs:  # unknown structure: every input may reach every output
-            got = self.jaxpr(s, [Fact(reach=reach)] * len(s.invars), repeats, within=eqn)
+            got = self.jaxpr(s, [Fact(reach=reach)] * len(s.invars), repeats, eqn)
             reach = reach.union(*(f.reach for f in got))
         if name in _IDENTITY and n_in == n_out:
             return list(ins)
-        if name in _RESHAPE:
-            return [ins[0]]
-        if name in _HOLDS:
+        if name in _CAST or name in _STACK:
             carry = frozenset().union(*(f.carry for f in ins))
-            one = name in ("convert_element_type", "broadcast_in_dim", "transpose")
-            lineage = ins[0].lineage if one else None  # the same values, cast or copied
+            lineage = ins[0].lineage if name in _CAST else None
             return [Fact(reach=reach, carry=carry, lineage=lineage) for _ in eqn.outvars]
         return [Fact(reach=reach) for _ in eqn.outvars]
 
@@ -200,65 +169,54 @@ class _Walk:
         p = eqn.params
         around = tuple(self.around)
         if p["role"] == "call":
-            state = ins[1:]
-            place = (around, id(eqn))
-            call = self.calls.get(place)
-            if call is None:
-                call = Call(
-                    uid=len(self.calls), call_id=p["call_id"], label=p["label"],
-                    training=p["training"], update_stats=p["update_stats"], steps=p["steps"],
-                    accumulator=p["accumulator"], state_lineage=(), state_same=(),
-                    repeats=repeats, line=_frame(eqn),
-                )  # fmt: skip
-                self.calls[place] = call
-            if call.state_lineage == () or self.loops:  # a loop body walked again: wider facts
-                call.state_lineage = tuple(f.lineage for f in state)
-                call.state_same = tuple(f.same for f in state)
-            self.sites[(around, p["call_id"])] = call.uid
+            marked = {k: v for k, v in p.items() if k != "role"}  # the rest are Call's fields
+            new = Call(uid=len(self.calls), state_lineage=(), state_same=(), repeats=repeats,
+                       line=_frame(eqn), **marked)  # fmt: skip
+            call = self.calls.setdefault((around, id(eqn)), new)
+            # Only a loop body is walked again (with wider facts): the last walk's facts.
+            call.state_lineage = tuple(f.lineage for f in ins[1:])  # ins: y, then the state
+            call.state_same = tuple(f.same for f in ins[1:])
             return list(ins)
-        uid = self.sites.get((around, p["call_id"]))
-        if uid is None:  # not beside its call mark: the latest call of the same mark
-            uid = max((u for (_, c), u in self.sites.items() if c == p["call_id"]), default=-1)
-        call = next((c for c in self.calls.values() if c.uid == uid), None)
-        out = []
-        for i, f in enumerate(ins):
-            lineage = call.state_lineage[i] if call and i < len(call.state_lineage) else None
-            out.append(Fact(reach=f.reach | {uid}, carry=f.carry | {uid}, lineage=lineage))
-        return out
+        # The call of this mark beside it, else (not beside its call mark) the latest one.
+        same_mark = {place: c for place, c in self.calls.items() if c.call_id == p["call_id"]}
+        beside = [c for (where, _), c in same_mark.items() if where == around]
+        call = max(beside or same_mark.values(), key=lambda c: c.uid, default=None)
+        uid, lineage = (-1, ()) if call is None else (call.uid, call.state_lineage)
+        return [
+            Fact(reach=f.reach | {uid}, carry=f.carry | {uid},
+                 lineage=lineage[i] if i < len(lineage) else None)
+            for i, f in enumerate(ins)
+        ]  # fmt: skip
 
     def scan(self, eqn, ins, repeats):
         p = eqn.params
         nc, nk = p["num_consts"], p["num_carry"]
-        body = p["jaxpr"].jaxpr
         inner = None if repeats is None else repeats * int(p["length"])
-        consts, carry, xs = ins[:nc], ins[nc : nc + nk], ins[nc + nk :]
-        xs = [_held(f, lineage=f.lineage) for f in xs]  # slices, not the leaves
-        outs = self._loop(body, lambda c: consts + c + xs, carry, inner, eqn)
-        return outs[:nk] + [_held(f, lineage=f.lineage) for f in outs[nk:]]
+        consts, carry, xs = ins[:nc], ins[nc : nc + nk], _sliced(ins[nc + nk :])
+        return self._loop(p["jaxpr"].jaxpr, lambda c: consts + c + xs, carry, inner, eqn)
 
-    def while_(self, eqn, ins):
+    def while_(self, eqn, ins, _):  # repeats: None, the number of passes is unknown
         p = eqn.params
         cn, bn = p["cond_nconsts"], p["body_nconsts"]
         bconsts, carry = ins[cn : cn + bn], ins[cn + bn :]
         outs = self._loop(p["body_jaxpr"].jaxpr, lambda c: bconsts + c, carry, None, eqn)
         cond = p["cond_jaxpr"].jaxpr
-        self.jaxpr(cond, [_NONE] * len(cond.invars), None, within=eqn)
+        self.jaxpr(cond, [Fact()] * len(cond.invars), None, eqn)
         return outs
 
     def _loop(self, body, inputs, carry, repeats, eqn):
-        """The body walked to a fixed point of its carry; the last walk's outputs with the
-        joined carry first. Each round can only widen a fact, and a chain through the
-        carries is at most ``len(carry)`` long, so ``len(carry) + 2`` rounds suffice."""
+        """The body walked to a fixed point of its carry: the joined carry, then the last
+        walk's other outputs (a scan's stacked ys). Each round can only widen a fact, and a
+        chain through the carries is at most ``len(carry)`` long, so ``len(carry) + 2``
+        rounds suffice."""
         nk = len(carry)
-        self.loops += 1
         for _ in range(nk + 2):
-            outs = self.jaxpr(body, inputs(carry), repeats, within=eqn)
+            outs = self.jaxpr(body, inputs(carry), repeats, eqn)
             new = [join(c, o) for c, o in zip(carry, outs[:nk], strict=True)]
             if new == carry:
                 break
             carry = new
-        self.loops -= 1
-        return carry + outs[nk:]
+        return carry + _sliced(outs[nk:])
 
 
 def flow(jaxpr) -> tuple[list[Fact], list[Call], dict[int, int]]:
@@ -274,15 +232,8 @@ def flow(jaxpr) -> tuple[list[Fact], list[Call], dict[int, int]]:
       included, to the number of the call it is (use it on ``reach`` and ``carry``).
     """
     walk = _Walk()
-    inner = jaxpr.jaxpr
-    facts = [Fact(same=i, lineage=i) for i in range(len(inner.invars))]
-    outs = walk.jaxpr(inner, facts, 1)
-    calls, alias, first = [], {}, {}
-    for call in sorted(walk.calls.values(), key=lambda c: c.uid):
-        key = (call.call_id, call.state_lineage)
-        if key in first:
-            alias[call.uid] = first[key]
-            continue
-        first[key] = alias[call.uid] = call.uid
-        calls.append(call)
-    return outs, calls, alias
+    outs = walk.jaxpr(jaxpr.jaxpr, [Fact(same=i, lineage=i) for i in range(len(jaxpr.in_avals))], 1)
+    first: dict[tuple, int] = {}  # (mark, input state) -> the first call's number
+    found = walk.calls.values()  # in the order found
+    alias = {c.uid: first.setdefault((c.call_id, c.state_lineage), c.uid) for c in found}
+    return outs, [c for c in found if alias[c.uid] == c.uid], alias

@@ -22,10 +22,8 @@ def _layers(calls: list) -> dict[tuple, list[dataflow.Call]]:
     """The calls grouped by layer: the argument leaves their state descends from (a key
     of all None: states that come from no argument leaf, made inside the step or
     reshaped beyond recognition)."""
-    layers: dict[tuple, list[dataflow.Call]] = {}
-    for call in calls:
-        layers.setdefault(call.state_lineage, []).append(call)
-    return layers
+    lineages = dict.fromkeys(c.state_lineage for c in calls)  # in the order of the calls
+    return {lin: [c for c in calls if c.state_lineage == lin] for lin in lineages}
 
 
 def _prepare(step, args, kwargs):
@@ -46,6 +44,12 @@ def _prepare(step, args, kwargs):
 
 def _returned(lineage, facts) -> list[int]:
     return [i for i, f in enumerate(facts) if lineage is not None and f.lineage == lineage]
+
+
+def _changed(lineage, facts, ins, outs) -> list[tuple[int, int]]:
+    """The (argument leaf, output leaf) pairs of a layer's state whose values differ."""
+    pairs = [(leaf, i) for leaf in lineage for i in _returned(leaf, facts)]
+    return [(a, i) for a, i in pairs if not np.array_equal(outs[i], ins[a], equal_nan=True)]
 
 
 def check_train_step(step: Callable, *args, **kwargs) -> None:
@@ -69,9 +73,7 @@ def check_train_step(step: Callable, *args, **kwargs) -> None:
       TypeError: ``step`` is not callable, or an argument is a ``jax.ShapeDtypeStruct``.
     """
     traced, facts, calls, ins, outs = _prepare(step, args, kwargs)
-    problems = []
-    if not calls:
-        problems.append(f"no bnjax BatchNorm call was found in {traced.fn_name}")
+    problems = [] if calls else [f"no bnjax BatchNorm call was found in {traced.fn_name}"]
     for lineage, layer in _layers(calls).items():
         name = audit_lib.where(layer[0], traced)
         problems += [f"{name}: {p}" for p in _train_problems(lineage, layer, facts, ins, outs)]
@@ -98,32 +100,28 @@ def _train_problems(lineage, layer, facts, ins, outs) -> list[str]:
     returned = [_returned(leaf, facts) for leaf in lineage]
     if not any(returned):
         return ["its new state is not among the step's outputs (the update was dropped)"]
-    counted = not updates[0].accumulator and len(lineage) == 3 and lineage[2] is not None
-    if counted:
-        expected, exact = 0, True
-        for c in updates:
-            if c.repeats is None:
-                exact = False
-            expected += c.steps * (c.repeats or 1)
-        if not returned[2]:
-            return ["its count is not among the step's outputs as BatchNorm left it (dropped, "
-                    "or changed after the update)"]  # fmt: skip
-        before = ins[lineage[2]].astype(np.int64)
-        advanced = [outs[i].astype(np.int64) - before for i in returned[2]]
-        fine = [a for a in advanced if (np.all(a == expected) if exact else np.all(a >= 1))]
-        if fine:
-            return []
-        got = ", ".join(str(np.unique(a).tolist()) for a in advanced)
-        want = expected if exact else "at least 1"
-        return [f"count advanced by {got}; expected {want} (batches folded in by "
-                f"{len(updates)} call(s))"]  # fmt: skip
-    changed = any(
-        not np.array_equal(outs[i], ins[leaf], equal_nan=True)
-        for leaf, rs in zip(lineage, returned, strict=True)
-        if leaf is not None
-        for i in rs
-    )
-    return [] if changed else ["its returned statistics are the ones it was given, unchanged"]
+    if not updates[0].accumulator and len(lineage) == 3 and lineage[2] is not None:
+        return _count_problems(lineage[2], returned[2], updates, ins, outs)
+    if _changed(lineage, facts, ins, outs):
+        return []
+    return ["its returned statistics are the ones it was given, unchanged"]
+
+
+def _count_problems(count, returned, updates, ins, outs) -> list[str]:
+    """Whether the count (argument leaf ``count``, output leaves ``returned``) advanced by
+    the batches ``updates`` folded in (at least 1 where a while loop hides how many)."""
+    if not returned:
+        return ["its count is not among the step's outputs as BatchNorm left it (dropped, "
+                "or changed after the update)"]  # fmt: skip
+    exact = all(c.repeats is not None for c in updates)
+    expected = sum(c.steps * (c.repeats or 1) for c in updates)
+    advanced = [outs[i].astype(np.int64) - ins[count].astype(np.int64) for i in returned]
+    if any(np.all(a == expected) if exact else np.all(a >= 1) for a in advanced):
+        return []
+    got = ", ".join(str(np.unique(a).tolist()) for a in advanced)
+    want = expected if exact else "at least 1"
+    return [f"count advanced by {got}; expected {want} (batches folded in by "
+            f"{len(updates)} call(s))"]  # fmt: skip
 
 
 def check_eval_step(step: Callable, *args, **kwargs) -> None:
@@ -142,18 +140,13 @@ def check_eval_step(step: Callable, *args, **kwargs) -> None:
       TypeError: ``step`` is not callable, or an argument is a ``jax.ShapeDtypeStruct``.
     """
     traced, facts, calls, ins, outs = _prepare(step, args, kwargs)
-    problems = []
-    for c in calls:
-        if c.training:
-            problems.append(f"{audit_lib.where(c, traced)}: ran with training=True (batch "
-                            "statistics) in an evaluation step")  # fmt: skip
+    problems = [f"{audit_lib.where(c, traced)}: ran with training=True (batch statistics) "
+                "in an evaluation step" for c in calls if c.training]  # fmt: skip
     for lineage, layer in _layers(calls).items():
         name = audit_lib.where(layer[0], traced)
-        for leaf in lineage:
-            for i in _returned(leaf, facts) if leaf is not None else ():
-                if not np.array_equal(outs[i], ins[leaf], equal_nan=True):
-                    problems.append(f"{name}: {traced.out_names[i]} changed in an evaluation "
-                                    f"step (it was {traced.in_names[leaf]})")  # fmt: skip
+        for leaf, i in _changed(lineage, facts, ins, outs):
+            problems.append(f"{name}: {traced.out_names[i]} changed in an evaluation step (it "
+                            f"was {traced.in_names[leaf]})")  # fmt: skip
     if problems:
         raise AssertionError(_report("evaluation step", traced.fn_name, problems))
 

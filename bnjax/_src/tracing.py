@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import itertools
 import sys
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
+
+# The argument leaves traced as arrays: the others stay static, as in a Python call.
+_ARRAYS = (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct)
 
 
 @dataclasses.dataclass
@@ -40,10 +44,6 @@ class Traced:
     fn_name: str
 
 
-def _is_array(leaf) -> bool:
-    return isinstance(leaf, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))
-
-
 def _graph_nodes(tree) -> list:
     """The NNX modules (graph nodes) among the leaves and nodes of ``tree``, if any."""
     nnx = sys.modules.get("flax.nnx")
@@ -58,21 +58,25 @@ def _graph_nodes(tree) -> list:
 
 def _root_names(fn, n_args: int) -> list[str]:
     """The names of ``fn``'s positional parameters where known, else ``args[i]``."""
-    names = [f"args[{i}]" for i in range(n_args)]
     try:
-        params = list(inspect.signature(fn).parameters.values())
+        params = list(inspect.signature(fn).parameters.values())[:n_args]
     except (TypeError, ValueError):
-        return names
-    for i, p in enumerate(params[:n_args]):
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
-            names[i] = p.name
-        else:
-            break
-    return names
+        params = []
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    names = [p.name for p in itertools.takewhile(lambda p: p.kind in positional, params)]
+    return names + [f"args[{i}]" for i in range(len(names), n_args)]
 
 
-def _name(root: str, path) -> str:
-    return root + jax.tree_util.keystr(tuple(path))
+def _arrays(named_trees, types) -> tuple[list[str], list]:
+    """The readable names and the values of the leaves of ``types`` in ``(root, tree)``
+    pairs, in the order of the pairs and of ``jax.tree`` within each."""
+    names, leaves = [], []
+    for root, tree in named_trees:
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            if isinstance(leaf, types):
+                names.append(root + jax.tree_util.keystr(tuple(path)))
+                leaves.append(leaf)
+    return names, leaves
 
 
 def trace(fn: Callable, args: tuple, kwargs: dict) -> Traced:
@@ -87,36 +91,17 @@ def trace(fn: Callable, args: tuple, kwargs: dict) -> Traced:
       A :class:`Traced`. Its outputs are ``fn``'s array output leaves, then the leaves of
       the NNX modules among the arguments as they are after the call.
     """
-    flat, tree = jax.tree_util.tree_flatten_with_path((args, kwargs))
-    roots = _root_names(fn, len(args))
-    in_names, dynamic, where = [], [], []
-    for i, (path, leaf) in enumerate(flat):
-        if _is_array(leaf):
-            group, key, *rest = path  # (args, kwargs), then the position or the keyword
-            root = roots[key.idx] if group.idx == 0 else str(key.key)
-            in_names.append(_name(root, rest))
-            dynamic.append(leaf)
-            where.append(i)
-    leaves = [leaf for _, leaf in flat]
+    # Keyword arguments in sorted order, as jax.tree flattens a dict.
+    named_args = [*zip(_root_names(fn, len(args)), args, strict=True), *sorted(kwargs.items())]
+    in_names, dynamic = _arrays(named_args, _ARRAYS)
     out_names: list[str] = []
 
     def run(*arrays):
-        values = list(leaves)
-        for i, a in zip(where, arrays, strict=True):
-            values[i] = a
-        a, kw = jax.tree.unflatten(tree, values)
+        it = iter(arrays)  # in the order of dynamic
+        a, kw = jax.tree.map(lambda x: next(it) if isinstance(x, _ARRAYS) else x, (args, kwargs))
         out = fn(*a, **kw)
-        after = [jax.tree_util.tree_flatten_with_path(node)[0] for node in _graph_nodes((a, kw))]
-        names, outs = [], []
-        for path, leaf in jax.tree_util.tree_flatten_with_path(out)[0]:
-            if isinstance(leaf, jax.Array):
-                names.append(_name("output", path))
-                outs.append(leaf)
-        for k, node_leaves in enumerate(after):
-            for path, leaf in node_leaves:
-                if isinstance(leaf, jax.Array):
-                    names.append(_name(f"module[{k}]", path))
-                    outs.append(leaf)
+        nodes = [(f"module[{k}]", node) for k, node in enumerate(_graph_nodes((a, kw)))]
+        names, outs = _arrays([("output", out), *nodes], jax.Array)
         out_names[:] = names
         return outs
 

@@ -41,13 +41,13 @@ from bnjax._src.sharding import vary_like
 from bnjax._src.train_state import TrainState
 
 
-def _as_metrics(value, where: str, scalar_key: str = "loss") -> dict:
-    """A metric function's result as a dict: a scalar becomes ``{scalar_key: value}``."""
+def _as_metrics(value, scalar_key: str) -> dict:
+    """``metric_fn``'s result as a dict: a scalar becomes ``{scalar_key: value}``."""
     if isinstance(value, dict):
         return dict(value)
     if jnp.ndim(value) != 0:
         raise ValueError(
-            f"{where} must return a scalar or a dict of scalars; got shape {jnp.shape(value)}"
+            f"metric_fn must return a scalar or a dict of scalars; got shape {jnp.shape(value)}"
         )
     return {scalar_key: value}
 
@@ -141,10 +141,8 @@ def make_train_step(
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss}
-        if metric_fn is not None:
-            outputs = lax.stop_gradient(outputs)
-            # "loss" is the training loss: a scalar metric comes back as "metric".
-            extra = _as_metrics(metric_fn(outputs, batch), "metric_fn", scalar_key="metric")
+        if metric_fn is not None:  # "loss" is the training loss: a scalar is "metric"
+            extra = _as_metrics(metric_fn(lax.stop_gradient(outputs), batch), "metric")
             metrics = {**_mean_over(extra, axis_name), "loss": loss}
         new_state = state._replace(
             step=state.step + 1, params=params, bn_state=new_bn_state, opt_state=opt_state
@@ -179,6 +177,6 @@ def make_eval_step(
     def eval_step(state: TrainState, batch) -> dict:
         _check_batch(batch)
         outputs, _ = model_apply(state.params, state.bn_state, batch["x"], training=False)
-        return _mean_over(_as_metrics(metric_fn(outputs, batch), "metric_fn"), axis_name)
+        return _mean_over(_as_metrics(metric_fn(outputs, batch), "loss"), axis_name)
 
     return eval_step

@@ -13,6 +13,21 @@ from bnjax._src.types import BatchNormParams, BatchNormState
 
 AVERAGING = ("ema", "debiased", "cumulative", "ema_from_first")
 RUNNING_VAR = ("biased", "unbiased")
+_FROM_FLAX = "Flax variables convert with bnjax.interop.from_flax(variables) -> (params, state)"
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def _ints(items) -> tuple[int, ...] | None:
+    """``items`` as a tuple of Python ints, or None if one of them is not an int."""
+    items = tuple(items)
+    return tuple(int(i) for i in items) if all(_is_int(i) for i in items) else None
+
+
+def _got(value) -> str:
+    return f"{value!r} ({type(value).__name__})"
 
 
 def check_choice(name: str, value, choices: Sequence[str]) -> None:
@@ -25,12 +40,12 @@ def check_number(name: str, value, *, low=None, high=None, allow_none=False) -> 
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number; got {value!r} ({type(value).__name__})")
+        raise TypeError(f"{name} must be a real number; got {_got(value)}")
     if not np.isfinite(value):
         raise ValueError(f"{name} must be finite; got {value!r}")
-    if (low is not None and value < low) or (high is not None and value > high):
-        lo = "-inf" if low is None else low
-        hi = "inf" if high is None else high
+    lo = -np.inf if low is None else low
+    hi = np.inf if high is None else high
+    if not lo <= value <= hi:
         raise ValueError(f"{name}={value!r} is out of range; expected a value in [{lo}, {hi}]")
 
 
@@ -51,33 +66,28 @@ def check_int(name: str, value, *, low: int = 0, allow_none: bool = False, what:
     if value is None and allow_none:
         return
     meaning = f" ({what})" if what else ""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+    if not _is_int(value):
         none = "None or " if allow_none else ""
-        raise TypeError(
-            f"{name} must be {none}an int{meaning}; got {value!r} ({type(value).__name__})"
-        )
+        raise TypeError(f"{name} must be {none}an int{meaning}; got {_got(value)}")
     if value < low:
         raise ValueError(f"{name}={value!r} is out of range; expected an int >= {low}{meaning}")
 
 
 def check_bool(name: str, value) -> None:
     if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a Python bool; got {value!r} ({type(value).__name__})")
+        raise TypeError(f"{name} must be a Python bool; got {_got(value)}")
 
 
 def as_axes(value) -> int | tuple[int, ...]:
     """Validates ``axis``: an int or a non-empty sequence of distinct ints (stored as a tuple)."""
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+    if _is_int(value):
         return int(value)
-    if isinstance(value, Sequence) and not isinstance(value, str):
-        items = tuple(value)
-        if items and all(
-            isinstance(a, numbers.Integral) and not isinstance(a, bool) for a in items
-        ):
-            if len(set(items)) != len(items):
-                raise ValueError(f"axis={value!r} repeats an axis; expected distinct axes")
-            return tuple(int(a) for a in items)
-    raise TypeError(f"axis must be an int or a non-empty tuple of ints; got {value!r}")
+    items = _ints(value) if isinstance(value, Sequence) and not isinstance(value, str) else None
+    if not items:
+        raise TypeError(f"axis must be an int or a non-empty tuple of ints; got {value!r}")
+    if len(set(items)) != len(items):
+        raise ValueError(f"axis={value!r} repeats an axis; expected distinct axes")
+    return items
 
 
 def as_groups(value):
@@ -85,16 +95,13 @@ def as_groups(value):
     if value is None:
         return None
     try:
-        groups = tuple(tuple(g) for g in value)
-    except TypeError:
-        groups = None
-    if groups is None or not all(
-        isinstance(i, numbers.Integral) and not isinstance(i, bool) for g in groups for i in g
-    ):
+        groups = tuple(_ints(g) for g in value)
+    except TypeError:  # not a sequence of sequences
+        groups = (None,)
+    if None in groups:
         raise TypeError(
             f"axis_index_groups must be None or a sequence of sequences of ints; got {value!r}"
         )
-    groups = tuple(tuple(int(i) for i in g) for g in groups)
     if not groups or any(not g for g in groups):
         raise ValueError(f"axis_index_groups={value!r} has an empty group; expected non-empty")
     return groups
@@ -103,15 +110,13 @@ def as_groups(value):
 def feature_axes(axis, ndim: int, shape) -> tuple[int, ...]:
     """Resolves ``axis`` against an input of ``ndim`` dimensions into sorted non-negative axes."""
     axes = (axis,) if isinstance(axis, int) else tuple(axis)
-    resolved = []
-    for a in axes:
-        if not -ndim <= a < ndim:
-            raise ValueError(
-                f"axis={axis!r} is out of range for x of shape {tuple(shape)}; "
-                f"expected axes in [{-ndim}, {ndim})"
-            )
-        resolved.append(a % ndim)
-    if len(set(resolved)) != len(resolved):
+    if not all(-ndim <= a < ndim for a in axes):
+        raise ValueError(
+            f"axis={axis!r} is out of range for x of shape {tuple(shape)}; "
+            f"expected axes in [{-ndim}, {ndim})"
+        )
+    resolved = {a % ndim for a in axes}
+    if len(resolved) != len(axes):
         raise ValueError(f"axis={axis!r} names the same axis twice for x of shape {tuple(shape)}")
     return tuple(sorted(resolved))
 
@@ -134,8 +139,7 @@ def check_leaf(name: str, leaf, shape: tuple[int, ...]) -> None:
         raise ValueError(f"{name} is None but this BatchNorm needs it (shape {shape})")
     if not (hasattr(leaf, "shape") and hasattr(leaf, "dtype")):
         raise TypeError(
-            f"{name} must be an array (jax or numpy) of shape {shape}; got {leaf!r} "
-            f"({type(leaf).__name__})"
+            f"{name} must be an array (jax or numpy) of shape {shape}; got {_got(leaf)}"
         )
     if tuple(jnp.shape(leaf)) != shape:
         raise ValueError(
@@ -158,22 +162,15 @@ def check_trees(params, state, feat, scale: bool, center: bool):
     the feature shape ``feat`` (``scale``/``bias`` only where enabled); returns the
     statistics ``state`` normalizes with (``state.running``)."""
     running = getattr(state, "running", state)
-    for name, tree, kind in (
-        ("params", params, BatchNormParams),
-        ("state", running, BatchNormState),
-    ):
+    trees = {"params": (params, BatchNormParams), "state": (running, BatchNormState)}
+    for name, (tree, kind) in trees.items():
         missing = [f for f in kind._fields if not hasattr(tree, f)]
-        if missing and isinstance(tree, Mapping):
-            raise TypeError(
-                f"{name} must be a {kind.__name__} with fields {kind._fields}; got a "
-                f"{type(tree).__name__} with keys {sorted(map(str, tree))}. Flax variables "
-                "convert with bnjax.interop.from_flax(variables) -> (params, state)"
-            )
-        if missing:
-            raise TypeError(
-                f"{name} must be a {kind.__name__} with fields {kind._fields}; "
-                f"got {type(tree).__name__} without {missing}"
-            )
+        if not missing:
+            continue
+        got = f"{type(tree).__name__} without {missing}"
+        if isinstance(tree, Mapping):
+            got = f"a {type(tree).__name__} with keys {sorted(map(str, tree))}. {_FROM_FLAX}"
+        raise TypeError(f"{name} must be a {kind.__name__} with fields {kind._fields}; got {got}")
     if not hasattr(state, "fold"):
         raise TypeError(
             f"state must be a BatchNormState (a NamedTuple with fold and running); got "
@@ -186,10 +183,9 @@ def check_trees(params, state, feat, scale: bool, center: bool):
     check_leaf("state.mean", running.mean, feat)
     check_leaf("state.var", running.var, feat)
     check_leaf("state.count", running.count, ())
-    if not jnp.issubdtype(jnp.result_type(running.count), jnp.integer):
-        raise TypeError(
-            f"state.count must be an integer scalar; got dtype {jnp.result_type(running.count)}"
-        )
+    count_dtype = jnp.result_type(running.count)
+    if not jnp.issubdtype(count_dtype, jnp.integer):
+        raise TypeError(f"state.count must be an integer scalar; got dtype {count_dtype}")
     return running
 
 
@@ -213,10 +209,9 @@ def shape_of(x_or_shape) -> tuple[int, ...]:
     """The shape of an array, or a shape given as a tuple or list of non-negative ints."""
     if hasattr(x_or_shape, "shape"):
         return tuple(x_or_shape.shape)
-    if isinstance(x_or_shape, (tuple, list)) and all(
-        isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0 for d in x_or_shape
-    ):
-        return tuple(int(d) for d in x_or_shape)
+    dims = _ints(x_or_shape) if isinstance(x_or_shape, (tuple, list)) else None
+    if dims is not None and all(d >= 0 for d in dims):
+        return dims
     raise TypeError(
         f"x_or_shape must be an array or a shape (tuple of non-negative ints); got {x_or_shape!r}"
     )
