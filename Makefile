@@ -1,11 +1,12 @@
-# The README's two commands: `make test` and `make demo`. Both build .venv on first use.
+# The README's commands: `make test` (before every commit), `make test-all` and `make demo`.
+# Each builds .venv on first use.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_STAMP := $(VENV)/.installed-demo
 
-.PHONY: test demo bench lint clean mutants compat docs
+.PHONY: test test-all test-slow demo bench lint clean mutants compat docs
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,8 +25,20 @@ lint: $(STAMP)
 	$(BIN)/ruff check bnjax tests examples benchmarks compat scripts
 	$(BIN)/ruff format --check bnjax tests examples benchmarks compat scripts
 
+# Two tiers, by the `slow` marker (pyproject.toml): make test runs the fast one; make
+# test-all runs both (the slow one: example training runs, long hypothesis properties,
+# sweeps, the eager twin of each jit test, benchmark smoke, wheel and multi-process tests).
+# make test-slow runs the slow tier alone: test + test-slow = test-all (CI runs those two).
+PYTEST := $(BIN)/python -m pytest -n auto --durations=15
+
 test: lint
-	$(BIN)/python -m pytest -n auto --durations=15
+	$(PYTEST) -m "not slow"
+
+test-all: lint
+	$(PYTEST) -m ""
+
+test-slow: $(STAMP)
+	$(PYTEST) -m slow
 
 demo: $(DEMO_STAMP)
 	$(BIN)/python examples/seed_walkthrough.py

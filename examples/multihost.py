@@ -212,7 +212,8 @@ def launch(cfg: Config, *, stall: int | None = None) -> dict:
         try:
             procs = [_spawn(cfg, r, port, out_dir, stall) for r in range(cfg.processes)]
             print(f"workers (pids): {' '.join(str(p.pid) for p in procs)}", flush=True)
-            expected = reference(cfg)  # while the workers start up
+            # Watched from the start: the launcher's deadline always comes before anything
+            # a worker times itself (its watchdog, jax.distributed's timeouts).
             failure = processes.wait_all(procs, start + cfg.timeout)
         finally:
             processes.kill_all(procs)
@@ -224,7 +225,8 @@ def launch(cfg: Config, *, stall: int | None = None) -> dict:
             ]
             tails = "".join(f"\n--- worker {r} ---\n{t[-2000:]}" for r, t in enumerate(logs))
             return {"ok": False, "failure": failure + tails, "pids": pids, "seconds": seconds}
-        errors, mismatches = _collect(cfg, out_dir, expected)
+        errors, mismatches = _collect(cfg, out_dir, reference(cfg))
+    seconds = time.monotonic() - start
     result = {"ok": not mismatches, "errors": errors, "pids": pids, "seconds": seconds}
     if mismatches:
         result["failure"] = "results differ from one process:\n" + "\n".join(mismatches)
@@ -259,7 +261,9 @@ def main(argv=None) -> dict:
     if args.worker is not None:
         out_dir = Path(args.out)
         cfg = Config(**json.loads((out_dir / "config.json").read_text()))
-        processes.watch_parent(args.parent, cfg.timeout)
+        # A backstop for a launcher that is alive but stuck: well after the launcher's own
+        # deadline (start + timeout), at which it kills every worker itself.
+        processes.watch_parent(args.parent, 2 * cfg.timeout + 30)
         worker(cfg, args.worker, args.port, out_dir, args.stall)
         return {"ok": True}
     cfg = load(args)

@@ -1,4 +1,5 @@
-"""Test-wide settings: several CPU devices, strict dtype promotion, hypothesis profiles."""
+"""Test-wide settings: several CPU devices, strict dtype promotion, hypothesis profiles,
+the slow tier."""
 
 import os
 
@@ -25,7 +26,7 @@ settings.register_profile(
     derandomize=True,
 )
 settings.register_profile("dev", max_examples=100, deadline=None)
-# Nightly-style, for local runs: HYPOTHESIS_PROFILE=thorough make test (about an hour).
+# Nightly-style, for local runs: HYPOTHESIS_PROFILE=thorough make test-all (hours).
 settings.register_profile(
     "thorough",
     max_examples=500,
@@ -36,7 +37,12 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
-@pytest.fixture(params=[False, True], ids=["eager", "jit"])
+# Two tiers (the `slow` marker): make test runs `-m "not slow"`, make test-all everything.
+# A test taking maybe_jit runs under jax.jit in make test and also eagerly in make test-all
+# (the tests parametrized by `jit` themselves mark their eager variant the same way).
+@pytest.fixture(
+    params=[pytest.param(False, id="eager", marks=pytest.mark.slow), pytest.param(True, id="jit")]
+)
 def maybe_jit(request):
     """Runs a test body eagerly and under ``jax.jit``: ``f = maybe_jit(f, static_argnames=...)``."""
 
@@ -49,3 +55,14 @@ def maybe_jit(request):
 # Scripts, not tests: the golden-file generator needs PyTorch, and the mutation drivers
 # run pytest themselves (pytest's --doctest-modules would import them).
 collect_ignore_glob = ["golden/*.py", "mutants.py", "listed_mutants.py"]
+
+
+# Doctests that draw and compile like a property (``apply`` for each drawn config and input)
+# run in the slow tier, beside tests/test_strategies.py's reach tests.
+SLOW_DOCTESTS = {"bnjax._src.strategies", "bnjax._src.strategies.inputs"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if isinstance(item, pytest.DoctestItem) and item.name in SLOW_DOCTESTS:
+            item.add_marker(pytest.mark.slow)

@@ -207,6 +207,7 @@ def test_documented_jit_form_does_not_retrace():
 # -- the harness ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_harness_smoke(tmp_path):
     """One round on a tiny shape, every peer that imports; writes the Markdown report."""
     run = _load_harness()

@@ -230,7 +230,15 @@ def _run_child(path: Path, stage: str, script: Path):
     assert proc.returncode == -signal.SIGKILL
 
 
-@pytest.mark.parametrize("stage", ["timed", "before_fsync", "before_rename", "while_discarding"])
+@pytest.mark.parametrize(
+    "stage",
+    [
+        pytest.param("timed", marks=pytest.mark.slow),
+        pytest.param("before_fsync", marks=pytest.mark.slow),
+        "before_rename",
+        pytest.param("while_discarding", marks=pytest.mark.slow),
+    ],
+)
 def test_save_killed_midway_leaves_a_restorable_checkpoint(tmp_path, stage):
     path = tmp_path / "ckpt"
     script = tmp_path / "child.py"

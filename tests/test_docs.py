@@ -18,6 +18,9 @@ ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 FRAGMENT = "<!-- fragment -->"
+# The pages of the longer blocks (Flax, Equinox, the property checks and strategies, the
+# toolkit tour) run in make test-all; make test runs the others' blocks.
+SLOW_PAGES = {"equinox.md", "flax.md", "testing.md", "toolkit.md"}
 
 PUBLIC = [
     "bnjax",
@@ -40,7 +43,8 @@ def _blocks():
             if before.strip() == FRAGMENT:
                 continue
             line = text.count("\n", 0, match.start()) + 1
-            yield pytest.param(match.group(1), id=f"{page.relative_to(ROOT)}:{line}")
+            marks = pytest.mark.slow if page.name in SLOW_PAGES else ()
+            yield pytest.param(match.group(1), id=f"{page.relative_to(ROOT)}:{line}", marks=marks)
 
 
 @pytest.mark.parametrize("code", list(_blocks()))

@@ -382,6 +382,7 @@ def _cnn_step(optimizer):
     return step
 
 
+@pytest.mark.slow
 def test_cnn_trains_three_steps_like_equinox():
     """Same parameters, training logits and statistics to 1e-4 (mode="batch"; the running
     variance up to Equinox's excess), and Equinox's inference logits from its statistics."""
@@ -516,6 +517,7 @@ class MLP(eqx.Module):
         return self.head(jax.nn.relu(h)), state
 
 
+@pytest.mark.slow
 def test_ensemble_of_whole_models_by_filter_vmap():
     """Three models made and stepped (SGD) under an outer filter_vmap; the inner named
     vmap sees each member's batch only, as each member trained alone does."""

@@ -21,6 +21,7 @@ def test_default_and_tiny_configs_load():
         module.Config(mode="legacy")
 
 
+@pytest.mark.slow
 def test_equinox_cnn_tiny(capsys):
     module = load_example("equinox_cnn")
     result = module.main(["--config", str(CONFIGS / "equinox_cnn_tiny.toml")])

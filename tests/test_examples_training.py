@@ -40,6 +40,7 @@ def test_default_and_tiny_configs_load(name):
     assert load_config(module.Config, CONFIGS / f"{name}.toml") == module.Config()
 
 
+@pytest.mark.slow
 def test_train_digits_tiny(tmp_path, capsys):
     module = load_example("train_digits")
     out = tmp_path / "digits"
@@ -61,6 +62,7 @@ def test_train_digits_tiny(tmp_path, capsys):
     assert "never-updated statistics" in printed and "inference mode" in printed
 
 
+@pytest.mark.slow
 def test_ensemble_vmap_tiny():
     module = load_example("ensemble_vmap")
     result = module.main(["--config", str(CONFIGS / "ensemble_vmap_tiny.toml")])
@@ -73,6 +75,7 @@ def test_ensemble_vmap_tiny():
     assert len(result["member_accuracy"]) == len(result["solo_accuracy"]) == 2
 
 
+@pytest.mark.slow
 def test_data_parallel_tiny():
     module = load_example("data_parallel")
     result = module.main(["--config", str(CONFIGS / "data_parallel_tiny.toml")])
@@ -84,6 +87,7 @@ def test_data_parallel_tiny():
     assert result["bn_count"] == 1437 // 128
 
 
+@pytest.mark.slow
 def test_train_digits_default_config_reaches_the_target(tmp_path, capsys):
     """`make demo`'s run: at least 97% test accuracy in inference mode with the default
     config (seed 0: 98.6%), the never-updated-statistics contrast printed, and the tqdm

@@ -242,6 +242,7 @@ def test_invalid_virtual_batch_size(value, error):
         bnjax.BatchNorm(virtual_batch_size=value)
 
 
+@pytest.mark.slow
 @settings(max_examples=12)
 @given(
     chunks=st.integers(1, 4),

@@ -268,6 +268,7 @@ def _check_result(case, x, mask, state, y, new, out_dtype):
     assert_close(new.var, var, 1e-5, "state.var")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 @given(case=cases())
 def test_core_returns_the_reference_or_names_the_argument(jit, case):
@@ -300,6 +301,7 @@ def _leaf(kind, values):
     return values.tolist() if kind == "list" else jnp.asarray(values, kind)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 @given(
     leaves=st.tuples(*[st.sampled_from(LEAF_DTYPES)] * 2, *[st.sampled_from(PARAM_KINDS)] * 2),
@@ -349,7 +351,9 @@ def test_state_and_params_of_other_dtypes(jit, leaves, python_count, training, u
     assert int(new.count) == 1
 
 
-@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize(
+    "jit", [pytest.param(False, id="eager", marks=pytest.mark.slow), pytest.param(True, id="jit")]
+)
 @pytest.mark.parametrize("skip_nonfinite", [True, False])
 def test_update_overflowing_a_float16_state(jit, skip_nonfinite):
     """A finite batch whose variance (9e4) overflows a float16 state: skipped, or Inf."""
@@ -513,6 +517,7 @@ WRAPPER_SETTINGS = (
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("wrapper", sorted(WRAPPERS))
 @WRAPPER_SETTINGS
 @given(case=cases())

@@ -113,19 +113,22 @@ def test_use_running_average_given_twice_or_never_fails():
 
 # -- parity with flax.linen.BatchNorm -----------------------------------------------
 
+# make test runs six of the cases; make test-all every one.
 GRID = [
     dict(shape=(16, 5)),
     dict(shape=(8, 4, 4, 3), momentum=0.9, epsilon=1e-3),
     dict(shape=(6, 3, 5), axis=1, use_bias=False),
-    dict(shape=(4, 3, 3, 2), axis=(1, 3), use_scale=False),
-    dict(shape=(12, 4), use_bias=False, use_scale=False, momentum=0.5),
+    pytest.param(dict(shape=(4, 3, 3, 2), axis=(1, 3), use_scale=False), marks=pytest.mark.slow),
+    pytest.param(
+        dict(shape=(12, 4), use_bias=False, use_scale=False, momentum=0.5), marks=pytest.mark.slow
+    ),
     dict(shape=(16, 6), mask=(16, 1)),
-    dict(shape=(8, 3, 3, 4), mask=(8, 3, 3, 1), momentum=0.8),
+    pytest.param(dict(shape=(8, 3, 3, 4), mask=(8, 3, 3, 1), momentum=0.8), marks=pytest.mark.slow),
     dict(shape=(8, 4, 3), mask=(4, 3)),  # lower rank: aligned on trailing dimensions
-    dict(shape=(16, 5), dtype=jnp.float16),
-    dict(shape=(16, 5), param_dtype=jnp.bfloat16),
+    pytest.param(dict(shape=(16, 5), dtype=jnp.float16), marks=pytest.mark.slow),
+    pytest.param(dict(shape=(16, 5), param_dtype=jnp.bfloat16), marks=pytest.mark.slow),
     dict(shape=(16, 5), x_dtype=jnp.bfloat16),
-    dict(shape=(16, 5), x_dtype=jnp.int32),
+    pytest.param(dict(shape=(16, 5), x_dtype=jnp.int32), marks=pytest.mark.slow),
 ]
 
 
@@ -202,9 +205,9 @@ def test_custom_initializers_match_flax():
     "param_dtype, x_dtype",
     [
         (jnp.bfloat16, jnp.float32),
-        (jnp.float16, jnp.float16),
-        (jnp.float32, jnp.bfloat16),
-        (jnp.bfloat16, jnp.bfloat16),
+        pytest.param(jnp.float16, jnp.float16, marks=pytest.mark.slow),
+        pytest.param(jnp.float32, jnp.bfloat16, marks=pytest.mark.slow),
+        pytest.param(jnp.bfloat16, jnp.bfloat16, marks=pytest.mark.slow),
     ],
 )
 def test_force_float32_reductions_false_matches_flax_numbers(param_dtype, x_dtype):
@@ -475,7 +478,12 @@ def _remat_model(bn_cls):
 
 
 @pytest.mark.parametrize(
-    "build, shape", [(_scan_model, (8, 4)), (_vmap_model, (3, 8, 4)), (_remat_model, (8, 4))]
+    "build, shape",
+    [
+        (_scan_model, (8, 4)),
+        pytest.param(_vmap_model, (3, 8, 4), marks=pytest.mark.slow),
+        pytest.param(_remat_model, (8, 4), marks=pytest.mark.slow),
+    ],
 )
 def test_linen_transforms_match_flax(build, shape):
     x = _data(shape, seed=8)
@@ -619,6 +627,7 @@ def _train_cnn(norm, x, labels, steps=3):
     return params, stats, logits
 
 
+@pytest.mark.slow
 def test_cnn_trained_three_steps_matches_flax():
     x = _data((16, 8, 8, 1), seed=11)
     labels = jnp.asarray(np.random.default_rng(12).integers(0, 10, 16), jnp.int32)
@@ -681,6 +690,7 @@ def _mask_cases(draw):
     return shape, axis, mask_shape, draw(st.integers(0, 2**16))
 
 
+@pytest.mark.slow
 @settings(max_examples=40, deadline=None)
 @given(case=_mask_cases())
 def test_mask_property_core_and_linen_read_masks_alike(case):
@@ -721,7 +731,9 @@ def test_mask_property_core_and_linen_read_masks_alike(case):
         _close(y, want, 2e-5)
 
 
-@pytest.mark.parametrize("ndim", [2, 3, 4, 5])
+@pytest.mark.parametrize(
+    "ndim", [2, 3, pytest.param(4, marks=pytest.mark.slow), pytest.param(5, marks=pytest.mark.slow)]
+)
 def test_per_example_mask_works_for_any_rank(ndim):
     """One flag per example, shape (N,), for 2-D to 5-D inputs (the core refused it
     beyond 2-D): the statistics of the kept examples."""

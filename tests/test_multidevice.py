@@ -256,8 +256,17 @@ def _unmasked_run(transform, bn, params, state, x, g, mesh):
     return y.reshape(x.shape), jax.tree.map(lambda a: a[0], new), dx.reshape(x.shape)
 
 
-@pytest.mark.parametrize("statistics", ["auto", "branchless"])
-@pytest.mark.parametrize("kind", ["centred", "offset", "mixed"])
+# make test runs "mixed" data (devices that would choose apart) with the "auto" choice
+# (centred and offset data: on one device in test_statistics.py); make test-all all six.
+@pytest.mark.parametrize("statistics", ["auto", pytest.param("branchless", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        pytest.param("centred", marks=pytest.mark.slow),
+        pytest.param("offset", marks=pytest.mark.slow),
+        "mixed",
+    ],
+)
 @pytest.mark.parametrize("transform", ["shard_map", "pmap", "vmap"])
 def test_unmasked_axis_name_equals_one_device(mesh, transform, kind, statistics):
     """No mask (the path a per-device average of moments would break): exact against

@@ -73,6 +73,7 @@ def _launch(tmp_path, *args) -> subprocess.Popen:
     )
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_and_leave_no_worker(tmp_path):
     # README: within 3.0e-7 of one process; checked at 1e-6 (the config's default is 1e-5).
     launcher = _launch(
@@ -90,6 +91,7 @@ def test_two_processes_equal_one_process_and_leave_no_worker(tmp_path):
     assert _wait_gone(pids, seconds=0.0) == []
 
 
+@pytest.mark.slow
 def test_a_hanging_worker_times_out_and_every_worker_is_reaped(capsys):
     multihost = _load()
     start = time.monotonic()
@@ -103,6 +105,7 @@ def test_a_hanging_worker_times_out_and_every_worker_is_reaped(capsys):
         assert not Path(f"/proc/{pid}").exists()
 
 
+@pytest.mark.slow
 def test_workers_end_when_the_launcher_is_killed(tmp_path):
     launcher = _launch(tmp_path, "--stall", "1", "timeout=60")
     try:

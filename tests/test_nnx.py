@@ -96,15 +96,16 @@ def test_no_mode_anywhere_fails_with_the_remedy():
 
 # -- parity with flax.nnx.BatchNorm -----------------------------------------------------
 
+# make test runs four of the cases; make test-all every one.
 GRID = [
     dict(shape=(16, 5)),
-    dict(shape=(8, 4, 4, 3), momentum=0.9, epsilon=1e-3),
-    dict(shape=(6, 3, 5), axis=1, use_bias=False, features=3),
+    pytest.param(dict(shape=(8, 4, 4, 3), momentum=0.9, epsilon=1e-3), marks=pytest.mark.slow),
+    pytest.param(dict(shape=(6, 3, 5), axis=1, use_bias=False, features=3), marks=pytest.mark.slow),
     dict(shape=(16, 6), mask=(16, 1), use_scale=False),
     dict(shape=(8, 4, 3), mask=(4, 3)),  # lower rank: aligned on trailing dimensions
-    dict(shape=(16, 5), dtype=jnp.bfloat16),
+    pytest.param(dict(shape=(16, 5), dtype=jnp.bfloat16), marks=pytest.mark.slow),
     dict(shape=(16, 5), x_dtype=jnp.bfloat16),
-    dict(shape=(16, 5), x_dtype=jnp.int32),
+    pytest.param(dict(shape=(16, 5), x_dtype=jnp.int32), marks=pytest.mark.slow),
 ]
 
 
@@ -202,6 +203,7 @@ def _to_bfloat16(args, /, *, dtype=None, inexact=True):
     return tuple(None if a is None else jnp.asarray(a, jnp.bfloat16) for a in args)
 
 
+@pytest.mark.slow
 def test_custom_promote_dtype_matches_flax():
     x = _data((16, 5), seed=11)
     theirs = nnx.BatchNorm(5, momentum=0.9, promote_dtype=_to_bfloat16, rngs=_rngs())
@@ -289,6 +291,7 @@ def _ensemble(cls, n):
     return create(_rngs())
 
 
+@pytest.mark.slow
 def test_vmap_over_an_ensemble_in_train_mode():
     x = _data((4, 16, 5), seed=5)
     ours, theirs = _ensemble(bx.BatchNorm, 4), _ensemble(nnx.BatchNorm, 4)

@@ -82,7 +82,7 @@ def _mask(kind, shape, axis, rng):
 
 # Every layout with both parameters, and the parameter options on one masked layout.
 OPTIONS = [(case, True, True) for case in CASES] + [
-    ("reduced_mask", center, scale)
+    pytest.param("reduced_mask", center, scale, marks=pytest.mark.slow)  # make test-all only
     for center, scale in ((False, True), (True, False), (False, False))
 ]
 
@@ -170,7 +170,17 @@ def test_low_precision_gradients_keep_dtypes(maybe_jit, dtype):
     np.testing.assert_allclose(np.asarray(dx, np.float32), want[0], rtol=rtol, atol=1e-6)
 
 
-@pytest.mark.parametrize("ratio", [0.0, 1.9, 2.1, 30.0, 1e4])
+# The fast tier runs the two ratios on either side of the plain sums' condition (2).
+@pytest.mark.parametrize(
+    "ratio",
+    [
+        pytest.param(0.0, marks=pytest.mark.slow),
+        1.9,
+        2.1,
+        pytest.param(30.0, marks=pytest.mark.slow),
+        pytest.param(1e4, marks=pytest.mark.slow),
+    ],
+)
 def test_gradients_from_centred_to_offset_data(maybe_jit, ratio):
     """Batches whose mean is ``ratio`` standard deviations from zero, a cotangent with a
     large mean: well-conditioned batches take the plain sums forward and backward
@@ -191,6 +201,7 @@ def test_gradients_from_centred_to_offset_data(maybe_jit, ratio):
         _assert_close(got, ref)
 
 
+@pytest.mark.slow
 def test_hessian_matches_float64_and_forward_mode_is_refused():
     """Reverse mode composes (jax.hessian differentiates the closed-form backward), while
     forward mode through training mode is refused by the custom_vjp, as documented."""

@@ -20,6 +20,7 @@ MISSING = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("module", "code", "extra"), MISSING, ids=[m[1] for m in MISSING])
 def test_a_missing_extra_names_it(module, code, extra):
     """Run as if the package were not installed (``sys.modules[name] = None``)."""
@@ -40,6 +41,7 @@ def test_core_imports_without_any_extra():
     assert done.returncode == 0, done.stderr
 
 
+@pytest.mark.slow
 def test_wheel_has_license_and_metadata(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "-q", "-w", str(tmp_path)],

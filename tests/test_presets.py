@@ -87,6 +87,7 @@ def test_torch_preset_conventions():
 # -- Keras 3 (JAX backend) ----------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("axis", "shape"), [(-1, (6, 4)), (1, (3, 2, 4, 4))])
 def test_keras_live(axis, shape):
     xs, gs, x_eval = _data(1, shape)
@@ -188,6 +189,7 @@ def test_tf1_fused_4d_stores_the_unbiased_variance():
 # -- Haiku --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("create_scale", "create_offset", "shape", "data_format"),
     [
@@ -261,6 +263,7 @@ def _haiku(*args, **kwargs):
 # -- Flax ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("axis", "shape"), [(-1, (8, 5)), ((1, 2), (4, 2, 3, 2))])
 def test_flax_live(axis, shape):
     module = nn.BatchNorm(axis=axis, momentum=0.6, epsilon=1e-4)

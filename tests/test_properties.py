@@ -158,6 +158,7 @@ def _peeks_across_the_vmap(params, state, x, *, training):
     return y, state
 
 
+@pytest.mark.slow
 def test_output_that_mixes_the_vmapped_batches_fails():
     _, params, state = _core()
     match = r"assert_vmap_matches_loop.*vmapped y vs looped y.*\(batch \d of xs\)"
@@ -292,6 +293,7 @@ def _traced_differently(params, state, x, *, training):
     return y, new
 
 
+@pytest.mark.slow
 def test_a_leaf_of_another_dtype_or_shape_fails_and_names_it():
     _, params, state = _core()
     with pytest.raises(AssertionError) as e:

@@ -24,6 +24,7 @@ def _train_norm(x, scale, bias, eps=1e-5):
     return (x - x.mean(0)) / np.sqrt(x.var(0) + eps) * scale + bias
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("running_var", ["biased", "unbiased"])
 def test_single_layer_population_statistics(running_var):
     bn = bnjax.BatchNorm(running_var=running_var)
@@ -61,6 +62,7 @@ def _model(bn1, bn2):
     return apply
 
 
+@pytest.mark.slow
 def test_nested_multi_layer_model():
     bn1, bn2 = bnjax.BatchNorm(), bnjax.BatchNorm(axis=-1, momentum=0.9)
     rng = np.random.default_rng(2)
@@ -142,6 +144,7 @@ def test_errors():
         bnjax.recalibrate(bn.apply, params, {"w": jnp.ones(3)}, [jnp.ones((4, 3))])
 
 
+@pytest.mark.slow
 @settings(max_examples=12)
 @given(
     sizes=st.lists(st.integers(1, 9), min_size=1, max_size=5),

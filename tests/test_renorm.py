@@ -66,7 +66,14 @@ def test_reference_gradient_matches_finite_differences():
     np.testing.assert_allclose(renorm_ref(x, g, *args)[1], num, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize(("rmax", "dmax"), [(1.5, 0.5), (3.0, 5.0), (1.0, 0.0)])
+@pytest.mark.parametrize(
+    ("rmax", "dmax"),
+    [
+        (1.5, 0.5),
+        pytest.param(3.0, 5.0, marks=pytest.mark.slow),
+        pytest.param(1.0, 0.0, marks=pytest.mark.slow),
+    ],
+)
 def test_renorm_matches_reference_over_steps(rmax, dmax, maybe_jit):
     x, g, scale, bias = _setup()
     bn = bnjax.BatchNorm(momentum=0.7, epsilon=1e-3, renorm=bnjax.Renorm(rmax=rmax, dmax=dmax))
@@ -106,7 +113,17 @@ def test_renorm_without_scale_or_bias():
     np.testing.assert_allclose(dx, dx_ref, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("count", [0, 3, 5, 9, 12, 40])
+@pytest.mark.parametrize(
+    "count",
+    [
+        0,
+        pytest.param(3, marks=pytest.mark.slow),
+        5,
+        pytest.param(9, marks=pytest.mark.slow),
+        pytest.param(12, marks=pytest.mark.slow),
+        40,
+    ],
+)
 def test_ramp_schedule_follows_state_count(count, maybe_jit):
     x, g, scale, bias = _setup(2)
     bn = bnjax.BatchNorm(renorm=bnjax.Renorm(rmax=2.0, dmax=1.0, ramp_start=3, ramp_steps=8))

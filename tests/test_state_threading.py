@@ -11,6 +11,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reference import moments, normalize, running_average, running_stats, train_forward
@@ -82,6 +83,7 @@ def _assert_close(got, want):
     np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @PROPERTY
 @given(
     bn=configs,
@@ -140,6 +142,7 @@ def test_scan_over_batches_equals_python_loop(maybe_jit, bn, masked, seed):
     assert int(state_scan.count) == k
 
 
+@pytest.mark.slow
 @COSTLY
 @given(bn=configs, shared_x=st.booleans(), seed=st.integers(0, 2**16))
 def test_vmap_over_stacked_models_equals_loop(maybe_jit, bn, shared_x, seed):

@@ -81,8 +81,19 @@ def _train(bn, x, mask, jit, state=None):
     return run(params, state, jnp.asarray(x), None if mask is None else jnp.asarray(mask))
 
 
-@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize(
+    "jit", [pytest.param(False, id="eager", marks=pytest.mark.slow), pytest.param(True, id="jit")]
+)
+# make test runs one case of each kind (centred, offset, masked, huge); make test-all all.
+@pytest.mark.parametrize(
+    "name",
+    [
+        c
+        if c in ("centred", "offset_1e6", "masked_offset", "huge", "near_1e19")
+        else pytest.param(c, marks=pytest.mark.slow)
+        for c in CASES
+    ],
+)
 def test_output_and_variance_match_float64(name, statistics, jit):
     x64, axis, mask = _case(name)
     x = x64.astype(np.float32)
@@ -103,7 +114,13 @@ def test_output_and_variance_match_float64(name, statistics, jit):
     assert np.all(err <= 6e-8 * np.abs(mean_ref) + 1e-6 * np.sqrt(var_ref)), err
 
 
-@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize(
+    "jit", [pytest.param(False, id="eager", marks=pytest.mark.slow), pytest.param(True, id="jit")]
+)
+# make test runs the checked path (the default on the CPU); make test-all both.
+@pytest.mark.parametrize(
+    "statistics", ["checked", pytest.param("branchless", marks=pytest.mark.slow)]
+)
 def test_mask_with_a_far_running_mean_matches_no_mask(statistics, jit):
     """A loaded running mean of 1e8 with N(0, 1) data: the statistics come from the data,
     so an all-True mask gives what no mask gives (it gave variance 0 and an output off by
@@ -121,7 +138,9 @@ def test_mask_with_a_far_running_mean_matches_no_mask(statistics, jit):
     np.testing.assert_allclose(s1.var, moments(x)[2], rtol=1e-5)
 
 
-@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize(
+    "jit", [pytest.param(False, id="eager", marks=pytest.mark.slow), pytest.param(True, id="jit")]
+)
 @pytest.mark.parametrize("offset", [0.0, 300.0])
 def test_bfloat16_input_with_offset(statistics, offset, jit):
     x = (offset + RNG.standard_normal((512, 4))).astype(jnp.bfloat16)
@@ -136,8 +155,18 @@ def test_bfloat16_input_with_offset(statistics, offset, jit):
     np.testing.assert_allclose(np.asarray(y, np.float64), want, rtol=2**-8, atol=1e-3)
 
 
-@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
-@pytest.mark.parametrize("name", ["offset_1e3", "outlier_first_row", "masked_offset", "huge"])
+@pytest.mark.parametrize(
+    "jit", [pytest.param(False, id="eager", marks=pytest.mark.slow), pytest.param(True, id="jit")]
+)
+@pytest.mark.parametrize(
+    "name",
+    [
+        "offset_1e3",
+        pytest.param("outlier_first_row", marks=pytest.mark.slow),
+        "masked_offset",
+        pytest.param("huge", marks=pytest.mark.slow),
+    ],
+)
 def test_gradients_match_float64(name, statistics, jit):
     x64, axis, mask = _case(name)
     x = x64.astype(np.float32)
@@ -173,7 +202,9 @@ def test_gradients_match_float64(name, statistics, jit):
     np.testing.assert_allclose(dp.bias, gd.sum(0), rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize(
+    "jit", [pytest.param(False, id="eager", marks=pytest.mark.slow), pytest.param(True, id="jit")]
+)
 def test_unrepresentable_statistics_are_reported_by_checks(statistics, jit):
     """The batch normalizes, the update is skipped, and ``checks=True`` says so."""
     x = _case("huge")[0].astype(np.float32)
@@ -204,6 +235,7 @@ def test_recalibration_is_exact_on_offset_batches(statistics):
     np.testing.assert_allclose(state.mean, ref.mean(0), rtol=6e-8)
 
 
+@pytest.mark.slow
 def test_float64_example_gives_float64_state():
     with jax.enable_x64(True):
         x = jnp.asarray(1e4 + 1e-2 * RNG.standard_normal((256, 3)))

@@ -51,6 +51,7 @@ def _finite(tree) -> bool:
     return all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(tree))
 
 
+@pytest.mark.slow
 @COMPILING
 @given(data=st.data(), bn=configs())
 def test_apply_takes_every_draw_and_its_outputs_are_finite(data, bn):
@@ -112,6 +113,7 @@ def test_inputs_fit_the_config(data, bn, max_side):
         assert all(m in (1, d) for m, d in zip(want, x.shape, strict=True))
 
 
+@pytest.mark.slow
 def test_inputs_cover_the_cases_that_matter():
     """Per-example masks, all-False masks, constant features, every dtype: all drawn."""
     bn = bnjax.BatchNorm(axis=1)
@@ -230,6 +232,7 @@ def _draws(strategy, n, **options):
     return found
 
 
+@pytest.mark.slow
 def test_configs_draw_every_form_of_axis_and_each_fits_rank_4():
     seen = set()
     for bn, one in _draws(st.tuples(configs(), configs(virtual_batch_size=1)), 300):
@@ -260,6 +263,7 @@ def test_inputs_fit_the_highest_rank_exactly_and_no_higher():
             inputs(bnjax.BatchNorm(axis=axis), max_rank=2)
 
 
+@pytest.mark.slow
 def test_inputs_draw_every_size_of_a_reduced_axis():
     """Sizes 1 to max_side on the batch axis: only a batch of one element per feature
     in all is grown to two."""
@@ -278,6 +282,7 @@ MAX_RATIO = {"float32": 1e6, "float16": 1e2, "bfloat16": 1e2}
 SPREAD_EXPONENTS = {"float32": (-3, 3), "float16": (-2, 2), "bfloat16": (-3, 3)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_values_reach_both_signs_and_every_size_of_offset_and_spread(dtype):
     """Per feature of 16 draws (the range of z is then >= 1 but for odds below 1e-4):

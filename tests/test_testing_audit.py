@@ -153,6 +153,7 @@ def test_core_train_steps(name, broken, fixed, x, kind):
     check_train_step(fixed, PARAMS, STATE, x)
 
 
+@pytest.mark.slow
 def test_vmap_ensemble_step():
     params, state = ENSEMBLE
     xs = jnp.stack([X, X + 1])
@@ -172,6 +173,7 @@ def test_stuck_training_flag():
         check_train_step(stuck_step, PARAMS, STATE, X)
 
 
+@pytest.mark.slow
 def test_eval_steps():
     assert kinds(audit(eval_step_updating, PARAMS, STATE, X, expect="eval")) == [
         ("eval_updates_state", "state")
@@ -187,6 +189,7 @@ def test_eval_steps():
     check_eval_step(eval_step, PARAMS, STATE, X)
 
 
+@pytest.mark.slow
 def test_counts_multiple_batches_exactly():
     """A scan over 4 batches must advance the count by 4; ghost chunks count each."""
     check_train_step(scan_step, PARAMS, STATE, XS)
@@ -243,6 +246,7 @@ def fori_step_every_other(params, state, xs, n):
     return jax.lax.fori_loop(0, n, body, state)
 
 
+@pytest.mark.slow
 def test_while_loop_steps():
     """A trip count known only at run time makes a while loop, walked to a fixed point."""
     n = jnp.int32(3)
@@ -319,6 +323,7 @@ def test_update_mark_away_from_its_call_mark():
     assert audit(orphan, PARAMS, STATE, X, expect="eval") == []
 
 
+@pytest.mark.slow
 def test_two_updates_from_one_state_count_both():
     """Two views of a batch each update from the same state; returning the second loses
     the first update: the count must advance by 2."""
@@ -412,6 +417,7 @@ def test_step_without_a_signature_names_arguments_by_position():
     assert kinds(audit(_NoSignature(), PARAMS, STATE, X)) == [("stale_state", "args[1]")]
 
 
+@pytest.mark.slow
 def test_audit_needs_no_flax():
     """A core-only step is audited in a process that never imports Flax."""
     code = (
@@ -486,6 +492,7 @@ def _loss(outputs, batch):
     return jnp.mean(outputs**2)
 
 
+@pytest.mark.slow
 def test_train_state_steps():
     state = TrainState.create(PARAMS, STATE, optax.sgd(0.1))
     train = jax.jit(make_train_step(_model_apply, _loss, optax.sgd(0.1)))
@@ -537,6 +544,7 @@ def linen_eval_training(variables, x):
     return NET.apply(variables, x, train=True, mutable=["batch_stats"])[0]
 
 
+@pytest.mark.slow
 def test_linen_one_layer_of_three():
     assert audit(linen_step, VARIABLES, X, expect="train") == []
     found = audit(linen_step_losing_one, VARIABLES, X, expect="train")
@@ -547,6 +555,7 @@ def test_linen_one_layer_of_three():
     check_train_step(linen_step, VARIABLES, X)
 
 
+@pytest.mark.slow
 def test_linen_eval_and_nn_scan():
     found = audit(linen_eval_training, VARIABLES, X, expect="eval")
     assert [f.kind for f in found] == ["training_in_eval"] * 3
@@ -585,6 +594,7 @@ def nnx_train_step(model, x):
     return nnx.grad(lambda m: jnp.sum(m(x) ** 2))(model)
 
 
+@pytest.mark.slow
 def test_nnx_train_never_called():
     model = Small()
     assert audit(nnx_train_step, model, X, expect="train") == []
@@ -622,6 +632,7 @@ def test_nnx_functional_step_dropping_the_state():
 # -- shard_map ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_shard_map_step():
     mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     bn = bnjax.BatchNorm(axis_name="data")
@@ -646,6 +657,7 @@ def test_shard_map_step():
 # -- the marks ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_marks_cost_nothing():
     """A mark lowers to no operation at all, and apply's program carries none."""
     alone = jax.jit(lambda x: mark_p.bind(x, **MARK)[0]).lower(X).as_text()
@@ -667,6 +679,7 @@ MARK = dict(role="call", call_id=-1, label=None, training=True, update_stats=Tru
 # -- cases found in review: one test each ----------------------------------------------
 
 
+@pytest.mark.slow
 def test_one_jitted_layer_reused_on_two_states():
     """A jax.jit (or jax.checkpoint) applied to two layers holds one mark for two calls."""
     layer = jax.jit(lambda p, s, x: BN.apply(p, s, x, training=True))
@@ -708,6 +721,7 @@ def test_a_reshaped_state_is_kept():
     ]
 
 
+@pytest.mark.slow
 def test_a_state_chosen_by_where_or_cond_is_kept():
     def skip_bad_steps(params, state, x):  # keep the old state when the loss is not finite
         y, new = BN.apply(params, state, x, training=True)
@@ -725,6 +739,7 @@ def test_a_state_chosen_by_where_or_cond_is_kept():
         check_train_step(step, PARAMS, STATE, X, *args)  # one branch runs: count + 1
 
 
+@pytest.mark.slow
 def test_recomputation_under_checkpoint_counts_once():
     def step(params, state, x):
         def fwd(p):
@@ -738,6 +753,7 @@ def test_recomputation_under_checkpoint_counts_once():
     check_train_step(step, PARAMS, STATE, X)
 
 
+@pytest.mark.slow
 def test_pmap_step_returning_the_old_state():
     def step(params, state, x, keep):
         def inner(x):
@@ -752,6 +768,7 @@ def test_pmap_step_returning_the_old_state():
         check_train_step(step, PARAMS, STATE, xs, False)
 
 
+@pytest.mark.slow
 def test_marks_transpose_in_a_linear_map():
     """Inference is linear in x, so jax.linear_transpose goes through the call mark on y."""
     state = STATE._replace(mean=jnp.asarray([1.0, 2.0, 3.0]), var=jnp.asarray([4.0, 1.0, 9.0]))

@@ -138,6 +138,7 @@ def test_eval_step_uses_running_statistics_and_never_changes_state(maybe_jit):
     assert int(state.bn_state.count) == 4
 
 
+@pytest.mark.slow
 def test_metric_fn_dicts_and_train_metrics(maybe_jit):
     init, apply = make_model()
     params, bn_state = init(jax.random.key(2))
@@ -162,6 +163,7 @@ def test_metric_fn_dicts_and_train_metrics(maybe_jit):
     assert float(maybe_jit(both)(state, batch)[1]["loss"]) == float(metrics["loss"])
 
 
+@pytest.mark.slow
 def test_donated_jit_step_equals_plain_step():
     init, apply = make_model()
     params, bn_state = init(jax.random.key(4))
@@ -178,6 +180,7 @@ def test_donated_jit_step_equals_plain_step():
         np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.slow
 def test_vmap_ensemble_equals_members_trained_alone():
     init, apply = make_model()
     members, steps = 3, 3
@@ -228,6 +231,7 @@ def mesh():
     return jax.make_mesh((8,), ("data",))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("check_vma", [True, False], ids=["check_vma", "no_check_vma"])
 def test_shard_map_data_parallel_equals_one_device(mesh, check_vma):
     opt, steps = optax.sgd(0.05, momentum=0.9), 3
@@ -260,6 +264,7 @@ def test_shard_map_data_parallel_equals_one_device(mesh, check_vma):
     np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_pmap_data_parallel_equals_one_device():
     opt, steps, devices = optax.sgd(0.05, momentum=0.9), 2, 8
     batches = [make_batch(jax.random.key(90 + s), n=32) for s in range(steps)]
@@ -275,6 +280,7 @@ def test_pmap_data_parallel_equals_one_device():
     _assert_trees_close(jax.tree.map(lambda a: a[devices - 1], state), expected)
 
 
+@pytest.mark.slow
 def test_jit_over_sharded_batch_equals_one_device(mesh):
     opt, steps = optax.sgd(0.05, momentum=0.9), 3
     batches = [make_batch(jax.random.key(80 + s), n=32) for s in range(steps)]
