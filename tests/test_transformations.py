@@ -118,7 +118,14 @@ def _check(names, model):
 PAIRS = list(itertools.permutations(TRANSFORMS, 2))
 
 
-@pytest.mark.parametrize("names", PAIRS, ids="-".join)
+# Hessians compile slowly (10-20 s each here): one stays in the fast tier.
+CORE_PAIRS = [
+    pytest.param(n, marks=pytest.mark.slow) if "hessian" in n and n != ("jit", "hessian") else n
+    for n in PAIRS
+]
+
+
+@pytest.mark.parametrize("names", CORE_PAIRS, ids="-".join)
 def test_every_ordered_pair_of_transformations_composes_around_the_core(names):
     _check(names, "core")
 
