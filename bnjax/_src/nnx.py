@@ -127,7 +127,7 @@ class BatchNorm(nnx.Module):
                 f"BatchNorm got unexpected keyword argument(s) {sorted(options)}; expected "
                 f"Flax's arguments or bnjax's options {list(common.OPTIONS)}"
             )
-        core = common.check_module(self)
+        core = common.core_config(self, dtype, axis_name)  # validates every setting
         shape = _feature_shape(num_features)
         self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
         self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
@@ -166,10 +166,7 @@ class BatchNorm(nnx.Module):
             use_running_average = self.use_running_average
         if use_running_average is None:
             raise ValueError(_NO_MODE)
-        v.check_static_bool("use_running_average", use_running_average)
-        training = not use_running_average
-        update = training if update_stats is None else update_stats
-        v.check_static_bool("update_stats", update)
+        training, update = common.modes(use_running_average, update_stats)
         scale = self.scale[...] if self.scale is not None else None
         bias = self.bias[...] if self.bias is not None else None
         stats = BatchNormState(
@@ -182,7 +179,7 @@ class BatchNorm(nnx.Module):
         v.check_input(x)  # integers were promoted to float; complex inputs are refused
         # The output has ``dtype`` when given, whatever the promotion returned (as in Flax).
         out_dtype = x.dtype if self.dtype is None else self.dtype
-        core = common.core_config(self, dtype=out_dtype, axis_name=self.axis_name)
+        core = common.core_config(self, out_dtype, self.axis_name)
         if self.count is None and common.needs_count(core):
             raise ValueError(
                 f"averaging={self.averaging!r} (or renorm/checks) reads the batch count, but "
