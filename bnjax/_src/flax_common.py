@@ -88,21 +88,6 @@ def needs_count(core: BatchNorm) -> bool:
     return core.averaging != "ema" or core.renorm is not None or core.checks
 
 
-def promoted_dtype(*arrays) -> jnp.dtype:
-    """``jnp.result_type`` of the non-None arrays under standard promotion, inexact.
-
-    Flax's default output dtype (``dtype=None``) is this promotion of the input and the
-    parameters; it is computed under standard rules so that it is the same whether or not
-    ``jax_numpy_dtype_promotion="strict"`` is on. An integer or bool result is promoted
-    with float32, as Flax's ``canonicalize_dtype`` does.
-    """
-    with jax.numpy_dtype_promotion("standard"):
-        dtype = jnp.result_type(*(a for a in arrays if a is not None))
-        if not jnp.issubdtype(dtype, jnp.inexact):
-            dtype = jnp.promote_types(jnp.float32, dtype)
-    return dtype
-
-
 def run(core, scale, bias, stats: BatchNormState, x, *, training, update_stats, mask):
     """One call of the core on a wrapper's variables.
 
@@ -140,24 +125,17 @@ def run(core, scale, bias, stats: BatchNormState, x, *, training, update_stats, 
     acc = accumulation_dtype(stats.mean.dtype, stats.var.dtype)
     count = jnp.zeros((), jnp.int32) if stats.count is None else stats.count
     state = BatchNormState(mean=stats.mean.astype(acc), var=stats.var.astype(acc), count=count)
+    params = BatchNormParams(scale, bias)
     with warnings.catch_warnings():
         # Flax is silent on a batch of one element per feature (the dummy batch of an
         # init, say), and a drop-in must be too; ``checks=True`` keeps the warning.
         if not core.checks:
             warnings.simplefilter("ignore", OneElementWarning)
         y, new = core.apply(
-            BatchNormParams(scale, bias),
-            state,
-            x,
-            training=training,
-            update_stats=update_stats,
-            mask=mask,
+            params, state, x, training=training, update_stats=update_stats, mask=mask
         )
     if not update_stats:
         return y, stats
     new = jax.lax.stop_gradient(new)
-    return y, BatchNormState(
-        mean=new.mean.astype(stats.mean.dtype),
-        var=new.var.astype(stats.var.dtype),
-        count=None if stats.count is None else new.count.astype(stats.count.dtype),
-    )
+    stored = (None if s is None else n.astype(s.dtype) for n, s in zip(new, stats, strict=True))
+    return y, BatchNormState(*stored)  # in the stored dtypes; a count not stored stays None

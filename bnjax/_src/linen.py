@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from jax.nn import initializers
 
@@ -12,6 +13,7 @@ from bnjax._src import extras
 
 try:
     import flax.linen as nn
+    from flax.linen import dtypes
 except ImportError as e:
     raise extras.missing("bnjax.linen", "flax", e) from e
 
@@ -132,7 +134,8 @@ class BatchNorm(_Options):
         scale = self.param("scale", self.scale_init, feat, pd) if self.use_scale else None
         bias = self.param("bias", self.bias_init, feat, pd) if self.use_bias else None
         x = jnp.asarray(x)
-        out_dtype = self.dtype or common.promoted_dtype(x, scale, bias)
+        with jax.numpy_dtype_promotion("standard"):  # Flax's output dtype, also in strict mode
+            out_dtype = dtypes.canonicalize_dtype(x, scale, bias, dtype=self.dtype)
         if jnp.issubdtype(x.dtype, jnp.integer) or x.dtype == jnp.bool_:
             x = x.astype(jnp.float32)  # as in Flax, integer inputs are normalized in float32
         v.check_input(x)  # complex inputs are refused

@@ -167,15 +167,10 @@ class BatchNorm(nnx.Module):
         if use_running_average is None:
             raise ValueError(_NO_MODE)
         training, update = common.modes(use_running_average, update_stats)
-        scale = self.scale[...] if self.scale is not None else None
-        bias = self.bias[...] if self.bias is not None else None
-        stats = BatchNormState(
-            self.mean[...], self.var[...], None if self.count is None else self.count[...]
-        )
+        variables = (self.scale, self.bias, self.mean, self.var, self.count)
+        scale, bias, mean, var, count = (None if a is None else a[...] for a in variables)
         with jax.numpy_dtype_promotion("standard"):  # Flax's promotion, also in strict mode
-            x, _, _, scale, bias = self.promote_dtype(
-                (x, stats.mean, stats.var, scale, bias), dtype=self.dtype
-            )
+            x, _, _, scale, bias = self.promote_dtype((x, mean, var, scale, bias), dtype=self.dtype)
         v.check_input(x)  # integers were promoted to float; complex inputs are refused
         # The output has ``dtype`` when given, whatever the promotion returned (as in Flax).
         out_dtype = x.dtype if self.dtype is None else self.dtype
@@ -186,6 +181,7 @@ class BatchNorm(nnx.Module):
                 "this BatchNorm was built without one; build it with these settings instead "
                 "of setting them afterwards"
             )
+        stats = BatchNormState(mean, var, count)
         y, new = common.run(
             core, scale, bias, stats, x, training=training, update_stats=update, mask=mask
         )
