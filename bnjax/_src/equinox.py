@@ -25,7 +25,6 @@ try:
 except ImportError as e:
     raise extras.missing("bnjax.equinox", "equinox", e) from e
 
-MODES = ("ema", "batch", "legacy")
 # The core's fields that Equinox's own arguments set (``axis`` is 0: one example per call,
 # channels first); every other field of bnjax.BatchNorm is one of bnjax's options, taken by
 # keyword under the core's name and forwarded, so a new core option needs nothing here.
@@ -165,7 +164,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
         v.check_number("eps", eps, low=0.0)
         v.check_bool("channelwise_affine", channelwise_affine)
         v.check_bool("inference", inference)
-        v.check_choice("mode", mode, MODES)
+        v.check_choice("mode", mode, ("ema", "batch", "legacy"))
         if mode == "legacy":
             warnings.warn(_LEGACY, UserWarning, stacklevel=2)
             mode = "ema"
