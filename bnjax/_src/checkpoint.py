@@ -56,8 +56,7 @@ def _describe(tree) -> list[dict]:
 
 
 def _dtype(x) -> np.dtype:
-    dtype = getattr(x, "dtype", None)
-    return np.dtype(dtype) if dtype is not None else np.asarray(x).dtype
+    return np.dtype(x.dtype) if hasattr(x, "dtype") else np.asarray(x).dtype
 
 
 def _digest(x) -> str:

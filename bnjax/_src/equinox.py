@@ -180,10 +180,9 @@ class BatchNorm(eqx.nn.StatefulLayer):
         # The core validates the options (and momentum) now, not at the first call; they are
         # kept as it holds them.
         core = self.core(self.dtype, **_options(mode, options))
+        held = {name: getattr(core, name) for name in sorted(OPTIONS)}
         self.options = tuple(
-            (name, getattr(core, name))
-            for name in sorted(OPTIONS)
-            if getattr(core, name) != OPTIONS[name]
+            (name, value) for name, value in held.items() if value != OPTIONS[name]
         )
         shape = (input_size,)
         self.weight, self.bias = core.init(shape)[0]  # ones and zeros in dtype, or None
