@@ -39,15 +39,15 @@ MUTANTS = [
     (
         "wrappers drop renorm",
         "bnjax/_src/flax_common.py",
-        "**{name: getattr(module, name) for name in same_name},",
-        "**{name: getattr(module, name) for name in same_name if name != 'renorm'},",
+        "**{name: getattr(module, name) for name in OPTIONS})",
+        "**{name: getattr(module, name) for name in OPTIONS if name != 'renorm'})",
         ["tests/test_flax_options.py"],
     ),
     (
         "wrappers drop virtual_batch_size",
         "bnjax/_src/flax_common.py",
-        "**{name: getattr(module, name) for name in same_name},",
-        "**{n: getattr(module, n) for n in same_name if n != 'virtual_batch_size'},",
+        "**{name: getattr(module, name) for name in OPTIONS})",
+        "**{n: getattr(module, n) for n in OPTIONS if n != 'virtual_batch_size'})",
         ["tests/test_flax_options.py"],
     ),
     (

@@ -24,6 +24,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 
+from bnjax._src import presets
 from bnjax._src import validation as v
 from bnjax._src.batchnorm import BatchNorm, OneElementWarning
 from bnjax._src.moments import accumulation_dtype
@@ -55,18 +56,14 @@ def core_config(module, dtype, axis_name) -> BatchNorm:
     Raises:
       TypeError, ValueError: an attribute is invalid; the message names it.
     """
-    # The core checks center and scale, but a Flax user knows them as use_bias/use_scale.
-    for name in ("use_fast_variance", "force_float32_reductions", "use_bias", "use_scale"):
+    for name in ("use_fast_variance", "force_float32_reductions"):
         v.check_bool(name, getattr(module, name, True))  # NNX has no force_float32_reductions
-    same_name = ("axis", "momentum", "epsilon", "param_dtype", *OPTIONS)
-    return BatchNorm(
-        center=module.use_bias,
-        scale=module.use_scale,
-        axis_name=axis_name,
-        axis_index_groups=module.axis_index_groups if axis_name is not None else None,
-        dtype=dtype,
-        **{name: getattr(module, name) for name in same_name},
-    )
+    # Flax's arguments map to the core as presets.flax maps them (use_bias is center, ...).
+    named = ("axis", "momentum", "epsilon", "use_bias", "use_scale", "param_dtype")
+    settings = {name: getattr(module, name) for name in named}
+    groups = module.axis_index_groups if axis_name is not None else None
+    core = presets.flax(**settings, axis_name=axis_name, axis_index_groups=groups, dtype=dtype)
+    return dataclasses.replace(core, **{name: getattr(module, name) for name in OPTIONS})
 
 
 def modes(use_running_average, update_stats) -> tuple[bool, bool]:
@@ -109,7 +106,7 @@ def run(core, scale, bias, stats: BatchNormState, x, *, training, update_stats, 
         rather than guessed. Masks of ``x``'s rank are never refused for that.
 
     Returns:
-      ``(y, new_stats)``: the output and the statistics to store (``stats`` itself when
+      ``(y, new_stats)``: the output and the statistics to store (``stats``' values when
       ``update_stats`` is False).
 
     Raises:
@@ -134,8 +131,6 @@ def run(core, scale, bias, stats: BatchNormState, x, *, training, update_stats, 
         y, new = core.apply(
             params, state, x, training=training, update_stats=update_stats, mask=mask
         )
-    if not update_stats:
-        return y, stats
     new = jax.lax.stop_gradient(new)
     stored = (None if s is None else n.astype(s.dtype) for n, s in zip(new, stats, strict=True))
     return y, BatchNormState(*stored)  # in the stored dtypes; a count not stored stays None
