@@ -53,8 +53,8 @@ MUTANTS = [
     (
         "the Flax wrappers ignore update_stats",
         "bnjax/_src/flax_common.py",
-        "update = training if update_stats is None else update_stats",
-        "update = training",
+        "update = not use_running_average if update_stats is None else update_stats",
+        "update = not use_running_average",
         ["tests/test_flax_options.py"],
     ),
     (

@@ -74,10 +74,9 @@ def modes(use_running_average, update_stats) -> tuple[bool, bool]:
       TypeError: either is not a Python bool (a traced value included); the message names it.
     """
     v.check_static_bool("use_running_average", use_running_average)
-    training = not use_running_average
-    update = training if update_stats is None else update_stats
+    update = not use_running_average if update_stats is None else update_stats
     v.check_static_bool("update_stats", update)
-    return training, update
+    return not use_running_average, update
 
 
 def needs_count(core: BatchNorm) -> bool:
