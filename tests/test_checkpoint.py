@@ -180,7 +180,7 @@ CHILD = textwrap.dedent(
         os.kill(os.getpid(), signal.SIGKILL)
 
     if stage == "before_fsync":
-        checkpoint._fsync_tree = die
+        checkpoint.fsync_tree = die
     elif stage == "before_rename":  # the rename that publishes the version, not an item's
         rename = os.rename
         os.rename = lambda src, dst: die() if os.path.dirname(dst) == path else rename(src, dst)
@@ -340,7 +340,7 @@ def test_reader_retries_a_version_retired_while_it_reads(tmp_path, monkeypatch):
     from bnjax._src import checkpoint
 
     save(tmp_path, make_state(0), keep=1)
-    real = checkpoint._read_arrays
+    real = checkpoint.read_arrays
     calls = []
 
     def racing(version, like):
@@ -349,7 +349,7 @@ def test_reader_retries_a_version_retired_while_it_reads(tmp_path, monkeypatch):
             save(tmp_path, make_state(1), keep=1)
         return real(version, like)
 
-    monkeypatch.setattr(checkpoint, "_read_arrays", racing)
+    monkeypatch.setattr(checkpoint, "read_arrays", racing)
     assert_identical(restore(tmp_path, make_state(0)), make_state(1))
     assert len(calls) == 1
     # A version given by path is not retried: its damage is reported.
@@ -395,8 +395,8 @@ def test_damage_is_reported_at_once(tmp_path, monkeypatch):
     manifest = json.loads(manifest_file(version).read_text())
     manifest["leaves"][0]["sha256"] = "0" * 64
     manifest_file(version).write_text(json.dumps(manifest))
-    real, reads = checkpoint._read_arrays, []
-    monkeypatch.setattr(checkpoint, "_read_arrays", lambda *a: reads.append(1) or real(*a))
+    real, reads = checkpoint.read_arrays, []
+    monkeypatch.setattr(checkpoint, "read_arrays", lambda *a: reads.append(1) or real(*a))
     with pytest.raises(ValueError, match="does not match the checksum"):
         restore(tmp_path, make_state())
     assert len(reads) == 1
@@ -407,17 +407,17 @@ def test_reader_outlasting_a_writer_that_retires_every_version_it_picks(tmp_path
     from bnjax._src import checkpoint
 
     save(tmp_path, make_state(0), keep=1)
-    real, reads = checkpoint._read_arrays, []
+    real, reads = checkpoint.read_arrays, []
 
     def racing(version, like):
         reads.append(version.name)
-        if len(reads) <= checkpoint._RETRIES:
+        if len(reads) <= checkpoint.RETRIES:
             save(tmp_path, make_state(len(reads)), keep=1)  # retires `version`
         return real(version, like)
 
-    monkeypatch.setattr(checkpoint, "_read_arrays", racing)
-    assert_identical(restore(tmp_path, make_state(0)), make_state(checkpoint._RETRIES))
-    assert len(reads) == checkpoint._RETRIES + 1
+    monkeypatch.setattr(checkpoint, "read_arrays", racing)
+    assert_identical(restore(tmp_path, make_state(0)), make_state(checkpoint.RETRIES))
+    assert len(reads) == checkpoint.RETRIES + 1
 
 
 def test_an_error_without_a_message_is_still_reported(tmp_path, monkeypatch):
@@ -469,7 +469,7 @@ def test_a_failed_save_publishes_nothing_and_leaves_no_thread(tmp_path, monkeypa
     def disk_full(root):
         raise OSError(28, "No space left on device", str(root))
 
-    monkeypatch.setattr(checkpoint, "_fsync_tree", disk_full)
+    monkeypatch.setattr(checkpoint, "fsync_tree", disk_full)
     with pytest.raises(OSError, match="No space left"):
         save(tmp_path, make_state(1))
     monkeypatch.undo()

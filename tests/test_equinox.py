@@ -111,7 +111,7 @@ def test_bnjax_options_are_the_core_s_other_fields_forwarded():
     for name, default in wrapper.OPTIONS.items():
         if name not in dict(bn.options):  # averaging None: the mode's own
             assert getattr(bn, name) == default, name
-    core = bn._core(jnp.float32)
+    core = bn.core(jnp.float32)
     assert (core.statistics, core.checks, core.axis, core.epsilon) == ("branchless", False, 0, 1e-5)
     assert _make(bxe.BatchNorm, 2, "b", mode="batch")[0].averaging == "debiased"
     assert _make(bxe.BatchNorm, 2, "b", mode="ema")[0].averaging == "ema_from_first"
@@ -142,7 +142,7 @@ def test_options_are_static_and_compile_once_per_configuration():
     other, state = _make(bxe.BatchNorm, 3, "batch", mode="batch", renorm=bnjax.Renorm(rmax=2.0))
     step(other, x, state)
     assert len(traces) == 2
-    assert other.renorm == bnjax.Renorm(rmax=2.0) and other._core(jnp.float32).renorm.rmax == 2.0
+    assert other.renorm == bnjax.Renorm(rmax=2.0) and other.core(jnp.float32).renorm.rmax == 2.0
 
 
 def test_legacy_mode_warns_and_means_ema():

@@ -36,21 +36,17 @@ FORMAT = "bnjax-checkpoint-1"
 STATE = "state"
 MANIFEST = "manifest"
 DIGITS = 6  # version directories are 000001, 000002, ...
-_RETRIES = 4
+RETRIES = 4  # reads of a version retired meanwhile, before the last read
 _ENTRY_FIELDS = ("path", "key", "shape", "dtype", "sha256")
 
 
-def leaf_name(key_path) -> str:
-    """A dotted name for a pytree key path, e.g. ``params.conv.scale`` or ``opt_state.0``."""
-    return jax.tree_util.keystr(key_path, simple=True, separator=".") or "<root>"
-
-
 def _describe(tree) -> list[dict]:
-    """Path, shape and dtype of every leaf of ``tree``, in flattening order."""
+    """Path, shape and dtype of every leaf of ``tree``, in flattening order; the path is
+    dotted, e.g. ``params.conv.scale`` or ``opt_state.0``."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     return [
         {
-            "path": leaf_name(p),
+            "path": jax.tree_util.keystr(p, simple=True, separator=".") or "<root>",
             "key": jax.tree_util.keystr(p),  # tells {"a.b": x} from {"a": {"b": x}}
             "shape": list(np.shape(x)),
             "dtype": str(_dtype(x)),
@@ -60,8 +56,7 @@ def _describe(tree) -> list[dict]:
 
 
 def _dtype(x) -> np.dtype:
-    dtype = getattr(x, "dtype", None)
-    return np.dtype(dtype) if dtype is not None else np.asarray(x).dtype
+    return np.dtype(x.dtype) if hasattr(x, "dtype") else np.asarray(x).dtype
 
 
 def _digest(x) -> str:
@@ -78,7 +73,7 @@ def _fsync(*paths) -> None:
             os.close(fd)
 
 
-def _fsync_tree(root: Path) -> None:
+def fsync_tree(root: Path) -> None:
     """fsyncs every file and directory under ``root`` (``root`` included)."""
     for dirpath, _, filenames in os.walk(root):
         _fsync(dirpath, *(os.path.join(dirpath, name) for name in filenames))
@@ -94,9 +89,9 @@ def _durable_rename(ocp):
 
     class DurableRename(ocp.path.atomicity.AtomicRenameTemporaryPath):
         async def finalize(self):  # blocking calls: a save is synchronous anyway
-            _fsync_tree(Path(self.get()))
+            fsync_tree(Path(self.get()))
             await super().finalize()  # writes orbax's commit marker, then renames
-            _fsync_tree(Path(self.get_final()))
+            fsync_tree(Path(self.get_final()))
             _fsync(Path(self.get_final()).parent)
 
     return DurableRename
@@ -149,15 +144,13 @@ def save(path, state, *, keep: int = 2) -> Path:
             )
         entry["sha256"] = _digest(leaf)
     path = Path(path).absolute()
-    manager = _manager(ocp, path, keep=keep)
-    try:  # closed even when the save fails: no orbax thread outlives it
+    manifest = {"format": FORMAT, "leaves": leaves}
+    # Synchronous: save returns with the version in place. Closed even when the save
+    # fails, so no orbax thread outlives it.
+    with _manager(ocp, path, keep=keep) as manager:
         step = (manager.latest_step() or 0) + 1
-        manifest = {"format": FORMAT, "leaves": leaves}
         items = {STATE: ocp.args.StandardSave(state), MANIFEST: ocp.args.JsonSave(manifest)}
         manager.save(step, args=ocp.args.Composite(**items))
-        manager.wait_until_finished()
-    finally:
-        manager.close()
     return path / f"{step:0{DIGITS}d}"
 
 
@@ -180,16 +173,15 @@ def restore(path, like):
         layout of bnjax 0.0.
     """
     path = Path(path).absolute()
-    for _ in range(_RETRIES):
+    for retry in range(RETRIES + 1):
         version = _pick_version(path)
         try:
             return _restore_version(version, like)
         except (OSError, ValueError):
             # A writer with a small ``keep`` may retire this version while it is read: that
-            # is not damage. Read the newest version again.
-            if version == path or version.exists():
+            # is not damage. Read the newest version again, up to RETRIES times.
+            if retry == RETRIES or version == path or version.exists():
                 raise
-    return _restore_version(_pick_version(path), like)
 
 
 def _pick_version(path: Path) -> Path:
@@ -205,7 +197,7 @@ def _pick_version(path: Path) -> Path:
 def _restore_version(version: Path, like):
     leaves = _read_manifest(version)
     _compare(leaves, _describe(like), version)
-    restored = _read_arrays(version, like)
+    restored = read_arrays(version, like)
     for entry, leaf in zip(leaves, jax.tree.leaves(restored), strict=True):
         if _digest(leaf) != entry["sha256"]:
             raise ValueError(
@@ -278,14 +270,16 @@ def _compare(saved: list[dict], wanted: list[dict], version: Path) -> None:
         )
 
 
-def _read_arrays(version: Path, like):
+def read_arrays(version: Path, like):
+    """The arrays of a version, in the structure of ``like`` (orbax restores into it), with
+    its leaves' shapes, dtypes and shardings."""
+
     def target(x):
         sharding = getattr(x, "sharding", None)
         return jax.ShapeDtypeStruct(np.shape(x), _dtype(x), sharding=sharding)
 
     args = _orbax().args.StandardRestore(jax.tree.map(target, like))
-    restored = _read_item(version, STATE, args, "corrupted or truncated")
-    return jax.tree.unflatten(jax.tree.structure(like), jax.tree.leaves(restored))
+    return _read_item(version, STATE, args, "corrupted or truncated")
 
 
 def _orbax():

@@ -25,7 +25,6 @@ try:
 except ImportError as e:
     raise extras.missing("bnjax.equinox", "equinox", e) from e
 
-MODES = ("ema", "batch", "legacy")
 # The core's fields that Equinox's own arguments set (``axis`` is 0: one example per call,
 # channels first); every other field of bnjax.BatchNorm is one of bnjax's options, taken by
 # keyword under the core's name and forwarded, so a new core option needs nothing here.
@@ -40,14 +39,11 @@ _UNSUPPORTED = {
         "This layer sees one example per call (the batch is a vmapped axis), never the batch "
         "to split: vmap over each virtual batch with an axis_name of its own"
     ),
-    "scale_init": (
-        "This layer makes its weight without a key, as Equinox's does: set another with "
-        "eqx.tree_at(lambda m: m.weight, layer, new_weight)"
-    ),
-    "bias_init": (
-        "This layer makes its bias without a key, as Equinox's does: set another with "
-        "eqx.tree_at(lambda m: m.bias, layer, new_bias)"
-    ),
+    **{
+        f"{field}_init": f"This layer makes its {leaf} without a key, as Equinox's does: set "
+        f"another with eqx.tree_at(lambda m: m.{leaf}, layer, new_{leaf})"
+        for field, leaf in (("scale", "weight"), ("bias", "bias"))
+    },
 }
 _LEGACY = (
     "bnjax.equinox.BatchNorm(mode='legacy'), the default as in Equinox, means mode='ema': in "
@@ -167,9 +163,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
         v.check_int("input_size", input_size, low=1, what="the number of channels")
         v.check_number("eps", eps, low=0.0)
         v.check_bool("channelwise_affine", channelwise_affine)
-        v.check_number("momentum", momentum, low=0.0, high=1.0)
         v.check_bool("inference", inference)
-        v.check_choice("mode", mode, MODES)
+        v.check_choice("mode", mode, ("ema", "batch", "legacy"))
         if mode == "legacy":
             warnings.warn(_LEGACY, UserWarning, stacklevel=2)
             mode = "ema"
@@ -182,23 +177,17 @@ class BatchNorm(eqx.nn.StatefulLayer):
         self.inference = inference
         self.mode = mode
         self.dtype = v.float_dtype("dtype", dtype)
-        # The core validates the options now, not at the first call; kept as it holds them.
-        core = self._core(self.dtype, _options(mode, options))
+        # The core validates the options (and momentum) now, not at the first call; they are
+        # kept as it holds them.
+        core = self.core(self.dtype, **_options(mode, options))
+        held = {name: getattr(core, name) for name in sorted(OPTIONS)}
         self.options = tuple(
-            (name, getattr(core, name))
-            for name in sorted(OPTIONS)
-            if getattr(core, name) != OPTIONS[name]
+            (name, value) for name, value in held.items() if value != OPTIONS[name]
         )
         shape = (input_size,)
-        self.weight = jnp.ones(shape, self.dtype) if channelwise_affine else None
-        self.bias = jnp.zeros(shape, self.dtype) if channelwise_affine else None
-        self.state_index = eqx.nn.StateIndex(
-            BatchNormState(
-                mean=jnp.zeros(shape, self.dtype),
-                var=jnp.ones(shape, self.dtype),
-                count=jnp.zeros((), jnp.int32),
-            )
-        )
+        self.weight, self.bias = core.init(shape)[0]  # ones and zeros in dtype, or None
+        stats = (jnp.zeros(shape, self.dtype), jnp.ones(shape, self.dtype))  # Equinox's dtype
+        self.state_index = eqx.nn.StateIndex(BatchNormState(*stats, jnp.zeros((), jnp.int32)))
 
     def __getattr__(self, name: str) -> Any:
         """bnjax's options as attributes (``layer.averaging``): from :attr:`options`, else
@@ -239,22 +228,32 @@ class BatchNorm(eqx.nn.StatefulLayer):
             )
         with jax.numpy_dtype_promotion("standard"):  # the same whether or not strict is on
             out_dtype = jnp.promote_types(x.dtype, self.dtype)
-        core = self._core(out_dtype)
+        core = self.core(out_dtype)
         params = BatchNormParams(scale=self.weight, bias=self.bias)
         stats = state.get(self.state_index)
-        with marks.label(_label(self.state_index)):
-            if inference:
-                y, _ = core.apply(params, stats, x, training=False)
-                return y, state
-            y, new = core.apply(params, stats, x, training=True)
-            if self.mode == "ema":
-                y = _ema_output(core, params, stats, new, x, y)
-        return y, state.set(self.state_index, new)
+        marker = self.state_index.marker  # make_with_state names it by the layer's path
+        label = marker.removesuffix(".state_index") if isinstance(marker, str) else None
+        with marks.label(label):  # the layer's path in audit findings
+            y, new = core.apply(params, stats, x, training=not inference)
+            if self.mode == "ema" and not inference:
+                # y normalizes with the batch's statistics, new has them averaged in (at count
+                # 0 taken whole: ema_from_first), so y is Equinox's first output, gradient
+                # included. From the second batch on Equinox normalizes with new: an
+                # inference pass, the affine map alone.
+                y_running, _ = core.apply(params, new, x, training=False)
+                y = jnp.where(stats.count == 0, y, y_running)
+        return y, state if inference else state.set(self.state_index, new)
 
-    def _core(self, dtype, options: dict | None = None) -> Core:
-        """The :class:`bnjax.BatchNorm` of a call whose output has ``dtype``, with
-        ``options`` (default: the layer's)."""
-        options = dict(self.options) if options is None else options
+    def core(self, dtype, **options) -> Core:
+        """The :class:`bnjax.BatchNorm` of a call whose output has ``dtype``.
+
+        Args:
+          dtype: the output dtype.
+          **options: bnjax's options; none given: the layer's (:attr:`options`).
+
+        Returns:
+          The core with ``axis=0`` and the layer's settings.
+        """
         return Core(
             axis=0,
             momentum=self.momentum,
@@ -264,27 +263,13 @@ class BatchNorm(eqx.nn.StatefulLayer):
             axis_name=self.axis_name,
             dtype=dtype,
             param_dtype=self.dtype,
-            **options,
+            **(options or dict(self.options)),
         )
-
-
-def _ema_output(core: Core, params, old: BatchNormState, new: BatchNormState, x, y_batch):
-    """Equinox's ``"ema"`` training output, given the training pass's ``(y_batch, new)``.
-
-    The training pass computed the batch's statistics once: ``y_batch`` normalizes with
-    them, and ``new`` has them averaged in (``averaging="ema_from_first"``: at count 0 the
-    batch is taken whole, so ``new`` *is* the batch's statistics and ``y_batch``, with its
-    gradient through them, is Equinox's first output). From the second batch on the output
-    normalizes with ``new``: an inference pass, the affine map alone, no statistics.
-    """
-    y_running, _ = core.apply(params, new, x, training=False)
-    return jnp.where(old.count == 0, y_batch, y_running)
 
 
 def _axis_name(axis_name):
     """Equinox's ``axis_name``: a name, or a sequence of names (kept as a tuple)."""
-    if isinstance(axis_name, list):
-        axis_name = tuple(axis_name)
+    axis_name = tuple(axis_name) if isinstance(axis_name, list) else axis_name
     if axis_name is None or not isinstance(axis_name, Hashable):
         raise TypeError(
             f"axis_name must name the batch axis of the enclosing vmap or pmap (a hashable "
@@ -293,16 +278,15 @@ def _axis_name(axis_name):
     return axis_name
 
 
-def _options(mode: str, given: dict) -> dict:
-    """bnjax's options for the core: ``given`` with the mode's ``averaging`` where it is
-    None, after the rules of an Equinox layer (the core checks the values themselves)."""
-    unknown = sorted(set(given) - set(OPTIONS))
+def _options(mode: str, options: dict) -> dict:
+    """bnjax's options for the core: ``options``, given the mode's ``averaging`` where it is
+    None (in place), after the rules of an Equinox layer (the core checks the values)."""
+    unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
         raise TypeError(
             f"bnjax.equinox.BatchNorm got unexpected keyword argument(s) {unknown}; it takes "
             f"Equinox's arguments and bnjax's options {list(OPTIONS)}"
         )
-    options = dict(given)
     if options.get("averaging") is None:  # the running average of Equinox's mode
         options["averaging"] = MODE_AVERAGING[mode]
     elif mode == "ema" and options["averaging"] == "ema":
@@ -321,9 +305,3 @@ def _options(mode: str, given: dict) -> dict:
             "running statistics in training already"
         )
     return options
-
-
-def _label(index) -> str | None:
-    """The layer's path for audit findings: ``make_with_state`` names each index by it."""
-    marker = index.marker
-    return marker.removesuffix(".state_index") if isinstance(marker, str) else None

@@ -13,7 +13,7 @@ the running averages; the ``checks=True`` never-updated check fires only on a co
 with statistics still at their init values, so loaded statistics pass.
 
 Masks are read as in the core (one rule, ``reduction.expand_mask``), which includes Flax's
-numpy broadcasting; see :func:`bool_mask`.
+numpy broadcasting; see :func:`run`.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 
+from bnjax._src import presets
 from bnjax._src import validation as v
 from bnjax._src.batchnorm import BatchNorm, OneElementWarning
 from bnjax._src.moments import accumulation_dtype
@@ -31,24 +32,16 @@ from bnjax._src.types import BatchNormParams, BatchNormState
 
 # The core's fields that Flax's own arguments set; every other field of bnjax.BatchNorm is
 # one of bnjax's options, offered by the wrappers under the core's name and default.
-FROM_FLAX = (
-    "axis",
-    "momentum",
-    "epsilon",
-    "center",
-    "scale",
-    "axis_name",
-    "axis_index_groups",
-    "dtype",
-    "param_dtype",
-    "scale_init",
-    "bias_init",
-)
+FROM_FLAX = ("axis", "momentum", "epsilon", "center", "scale", "axis_name", "axis_index_groups",
+             "dtype", "param_dtype", "scale_init", "bias_init")  # fmt: skip
 OPTIONS = {f.name: f.default for f in dataclasses.fields(BatchNorm) if f.name not in FROM_FLAX}
 
 
-def core_config(module, *, dtype=None, axis_name=None) -> BatchNorm:
+def core_config(module, dtype, axis_name) -> BatchNorm:
     """The :class:`bnjax.BatchNorm` for a wrapper's attributes.
+
+    Called with the module's own ``dtype`` and ``axis_name`` when the wrapper is built, so
+    that every setting is validated there.
 
     Args:
       module: a wrapper (linen or nnx) with Flax's attribute names and the options of
@@ -63,70 +56,32 @@ def core_config(module, *, dtype=None, axis_name=None) -> BatchNorm:
     Raises:
       TypeError, ValueError: an attribute is invalid; the message names it.
     """
-    v.check_bool("use_fast_variance", module.use_fast_variance)
-    v.check_bool("force_float32_reductions", getattr(module, "force_float32_reductions", True))
-    v.check_bool("use_bias", module.use_bias)
-    v.check_bool("use_scale", module.use_scale)
-    extra = {name: getattr(module, name) for name in OPTIONS}
-    return BatchNorm(
-        axis=module.axis,
-        momentum=module.momentum,
-        epsilon=module.epsilon,
-        center=module.use_bias,
-        scale=module.use_scale,
-        axis_name=axis_name,
-        axis_index_groups=module.axis_index_groups if axis_name is not None else None,
-        dtype=dtype,
-        param_dtype=module.param_dtype,
-        **extra,
-    )
+    for name in ("use_fast_variance", "force_float32_reductions"):
+        v.check_bool(name, getattr(module, name, True))  # NNX has no force_float32_reductions
+    # Flax's arguments map to the core as presets.flax maps them (use_bias is center, ...).
+    named = ("axis", "momentum", "epsilon", "use_bias", "use_scale", "param_dtype")
+    settings = {name: getattr(module, name) for name in named}
+    groups = module.axis_index_groups if axis_name is not None else None
+    core = presets.flax(**settings, axis_name=axis_name, axis_index_groups=groups, dtype=dtype)
+    return dataclasses.replace(core, **{name: getattr(module, name) for name in OPTIONS})
 
 
-def check_module(module) -> BatchNorm:
-    """Validates a wrapper's settings when it is built (``dtype`` and ``axis_name`` included)."""
-    return core_config(module, dtype=module.dtype, axis_name=module.axis_name)
+def modes(use_running_average, update_stats) -> tuple[bool, bool]:
+    """``(training, update)`` of a call: batch statistics unless ``use_running_average``,
+    and the running statistics updated where ``update_stats`` says (by default in training).
+
+    Raises:
+      TypeError: either is not a Python bool (a traced value included); the message names it.
+    """
+    v.check_static_bool("use_running_average", use_running_average)
+    update = not use_running_average if update_stats is None else update_stats
+    v.check_static_bool("update_stats", update)
+    return not use_running_average, update
 
 
 def needs_count(core: BatchNorm) -> bool:
     """Whether a setting reads ``state.count``, so the wrappers must store it."""
     return core.averaging != "ema" or core.renorm is not None or core.checks
-
-
-def promoted_dtype(*arrays) -> jnp.dtype:
-    """``jnp.result_type`` of the non-None arrays under standard promotion, inexact.
-
-    Flax's default output dtype (``dtype=None``) is this promotion of the input and the
-    parameters; it is computed under standard rules so that it is the same whether or not
-    ``jax_numpy_dtype_promotion="strict"`` is on. An integer or bool result is promoted
-    with float32, as Flax's ``canonicalize_dtype`` does.
-    """
-    with jax.numpy_dtype_promotion("standard"):
-        dtype = jnp.result_type(*(a for a in arrays if a is not None))
-        if not jnp.issubdtype(dtype, jnp.inexact):
-            dtype = jnp.promote_types(jnp.float32, dtype)
-    return dtype
-
-
-def bool_mask(mask) -> jax.Array | None:
-    """Flax's masks are any array-like (nonzero counts): ``mask`` as a bool array.
-
-    Its shape is then read by the core (``reduction.expand_mask``), one rule for the core
-    and the wrappers: a mask Flax accepts means what it means in Flax, unless its lower
-    rank also fits another reading (``(4,)`` against ``(4, 4)`` also reads as one flag per
-    example; ``(N, H, W)`` against NCHW ``x`` with ``N == C``), which is refused rather
-    than guessed. Masks of ``x``'s rank are never refused for that.
-
-    Raises:
-      TypeError: ``mask`` cannot be converted to an array.
-    """
-    if mask is None:
-        return None
-    try:
-        return jnp.asarray(mask, jnp.bool_)
-    except (TypeError, ValueError) as e:
-        raise TypeError(
-            f"mask must be an array broadcastable to x; got {type(mask).__name__} ({e})"
-        ) from None
 
 
 def run(core, scale, bias, stats: BatchNormState, x, *, training, update_stats, mask):
@@ -142,20 +97,31 @@ def run(core, scale, bias, stats: BatchNormState, x, *, training, update_stats, 
       x: the input, any shape with the feature axes of ``core.axis``.
       training: normalize with batch statistics (True) or the running ones.
       update_stats: average this batch into the running statistics.
-      mask: None, or an array-like read against ``x`` as in the core (:func:`bool_mask`).
+      mask: None, or Flax's mask: any array-like (nonzero counts), taken as a bool array
+        whose shape the core reads (``reduction.expand_mask``), one rule for the core and
+        the wrappers: a mask Flax accepts means what it means in Flax, unless its lower
+        rank also fits another reading (``(4,)`` against ``(4, 4)`` also reads as one flag
+        per example; ``(N, H, W)`` against NCHW ``x`` with ``N == C``), which is refused
+        rather than guessed. Masks of ``x``'s rank are never refused for that.
 
     Returns:
-      ``(y, new_stats)``: the output and the statistics to store (``stats`` itself when
+      ``(y, new_stats)``: the output and the statistics to store (``stats``' values when
       ``update_stats`` is False).
 
     Raises:
-      TypeError, ValueError: an argument is invalid; the message names it.
+      TypeError, ValueError: an argument is invalid (``mask`` not convertible to an
+        array, say); the message names it.
     """
+    try:
+        mask = None if mask is None else jnp.asarray(mask, jnp.bool_)
+    except (TypeError, ValueError) as e:
+        raise TypeError(
+            f"mask must be an array broadcastable to x; got {type(mask).__name__} ({e})"
+        ) from None
     acc = accumulation_dtype(stats.mean.dtype, stats.var.dtype)
     count = jnp.zeros((), jnp.int32) if stats.count is None else stats.count
     state = BatchNormState(mean=stats.mean.astype(acc), var=stats.var.astype(acc), count=count)
-    params = BatchNormParams(scale=scale, bias=bias)
-    mask = bool_mask(mask)
+    params = BatchNormParams(scale, bias)
     with warnings.catch_warnings():
         # Flax is silent on a batch of one element per feature (the dummy batch of an
         # init, say), and a drop-in must be too; ``checks=True`` keeps the warning.
@@ -164,11 +130,6 @@ def run(core, scale, bias, stats: BatchNormState, x, *, training, update_stats, 
         y, new = core.apply(
             params, state, x, training=training, update_stats=update_stats, mask=mask
         )
-    if not update_stats:
-        return y, stats
     new = jax.lax.stop_gradient(new)
-    return y, BatchNormState(
-        mean=new.mean.astype(stats.mean.dtype),
-        var=new.var.astype(stats.var.dtype),
-        count=None if stats.count is None else new.count.astype(stats.count.dtype),
-    )
+    stored = (None if s is None else n.astype(s.dtype) for n, s in zip(new, stats, strict=True))
+    return y, BatchNormState(*stored)  # in the stored dtypes; a count not stored stays None

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from jax.nn import initializers
 
@@ -11,6 +13,7 @@ from bnjax._src import extras
 
 try:
     import flax.linen as nn
+    from flax.linen import dtypes
 except ImportError as e:
     raise extras.missing("bnjax.linen", "flax", e) from e
 
@@ -91,7 +94,7 @@ class BatchNorm(_Options):
     force_float32_reductions: bool = True
 
     def __post_init__(self):
-        common.check_module(self)
+        common.core_config(self, self.dtype, self.axis_name)  # validates every setting
         super().__post_init__()
 
     @nn.compact
@@ -122,30 +125,23 @@ class BatchNorm(_Options):
         use_running_average = nn.merge_param(
             "use_running_average", self.use_running_average, use_running_average
         )
-        v.check_static_bool("use_running_average", use_running_average)
-        if update_stats is not None:
-            v.check_static_bool("update_stats", update_stats)
+        training, update = common.modes(use_running_average, update_stats)
         initializing = self.is_initializing()
-        core = common.core_config(self)
+        core = common.core_config(self, None, None if initializing else self.axis_name)
         feat = core.feature_shape(jnp.shape(x))
         mean, var, count = _stat_variables(self, feat, common.needs_count(core))
         pd = self.param_dtype
         scale = self.param("scale", self.scale_init, feat, pd) if self.use_scale else None
         bias = self.param("bias", self.bias_init, feat, pd) if self.use_bias else None
-        training = not use_running_average
-        update = training if update_stats is None else update_stats
-        update = update and not initializing
         x = jnp.asarray(x)
-        out_dtype = self.dtype or common.promoted_dtype(x, scale, bias)
+        with jax.numpy_dtype_promotion("standard"):  # Flax's output dtype, also in strict mode
+            out_dtype = dtypes.canonicalize_dtype(x, scale, bias, dtype=self.dtype)
         if jnp.issubdtype(x.dtype, jnp.integer) or x.dtype == jnp.bool_:
             x = x.astype(jnp.float32)  # as in Flax, integer inputs are normalized in float32
         v.check_input(x)  # complex inputs are refused
-        core = common.core_config(
-            self,
-            dtype=out_dtype,
-            axis_name=None if initializing else self.axis_name,
-        )
+        core = dataclasses.replace(core, dtype=out_dtype)
         stats = BatchNormState(mean.value, var.value, None if count is None else count.value)
+        update = update and not initializing
         # The module path names this call in bnjax.testing.audit's findings.
         with marks.label("/".join(self.scope.path) or type(self).__name__):
             y, new = common.run(

@@ -127,7 +127,7 @@ class BatchNorm(nnx.Module):
                 f"BatchNorm got unexpected keyword argument(s) {sorted(options)}; expected "
                 f"Flax's arguments or bnjax's options {list(common.OPTIONS)}"
             )
-        core = common.check_module(self)
+        core = common.core_config(self, dtype, axis_name)  # validates every setting
         shape = _feature_shape(num_features)
         self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
         self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
@@ -166,29 +166,22 @@ class BatchNorm(nnx.Module):
             use_running_average = self.use_running_average
         if use_running_average is None:
             raise ValueError(_NO_MODE)
-        v.check_static_bool("use_running_average", use_running_average)
-        training = not use_running_average
-        update = training if update_stats is None else update_stats
-        v.check_static_bool("update_stats", update)
-        scale = self.scale[...] if self.scale is not None else None
-        bias = self.bias[...] if self.bias is not None else None
-        stats = BatchNormState(
-            self.mean[...], self.var[...], None if self.count is None else self.count[...]
-        )
+        training, update = common.modes(use_running_average, update_stats)
+        variables = (self.scale, self.bias, self.mean, self.var, self.count)
+        scale, bias, mean, var, count = (None if a is None else a[...] for a in variables)
         with jax.numpy_dtype_promotion("standard"):  # Flax's promotion, also in strict mode
-            x, _, _, scale, bias = self.promote_dtype(
-                (x, stats.mean, stats.var, scale, bias), dtype=self.dtype
-            )
+            x, _, _, scale, bias = self.promote_dtype((x, mean, var, scale, bias), dtype=self.dtype)
         v.check_input(x)  # integers were promoted to float; complex inputs are refused
         # The output has ``dtype`` when given, whatever the promotion returned (as in Flax).
         out_dtype = x.dtype if self.dtype is None else self.dtype
-        core = common.core_config(self, dtype=out_dtype, axis_name=self.axis_name)
+        core = common.core_config(self, out_dtype, self.axis_name)
         if self.count is None and common.needs_count(core):
             raise ValueError(
                 f"averaging={self.averaging!r} (or renorm/checks) reads the batch count, but "
                 "this BatchNorm was built without one; build it with these settings instead "
                 "of setting them afterwards"
             )
+        stats = BatchNormState(mean, var, count)
         y, new = common.run(
             core, scale, bias, stats, x, training=training, update_stats=update, mask=mask
         )

@@ -116,16 +116,6 @@ def keras(
     return BatchNorm(axis=axis, momentum=momentum, epsilon=epsilon, center=center, scale=scale)
 
 
-def _tf1_uses_fused(axis, fused: bool | None, ndim: int | None) -> bool:
-    """Whether TF1 runs its fused kernel (``BatchNormalizationV1.build``) for ``axis`` as
-    ``v.as_axes`` returns it (an int or a tuple)."""
-    if ndim is None:  # the rank is unknown: take ``fused`` literally
-        return bool(fused)
-    axes = (axis,) if isinstance(axis, int) else axis
-    wanted = fused is None or bool(fused)
-    return wanted and ndim == 4 and len(axes) == 1 and axes[0] in _TF1_FUSED_AXES
-
-
 def tf1(
     axis=-1,
     momentum: float = 0.99,
@@ -184,7 +174,12 @@ def tf1(
         v.check_bool("fused", fused)
     v.check_int("ndim", ndim, low=1, allow_none=True, what="the input's rank, x.ndim")
     v.check_number("epsilon", epsilon, low=0.0)
-    uses_fused = _tf1_uses_fused(v.as_axes(axis), fused, ndim)
+    # TF1's test (BatchNormalizationV1.build): a single channel axis 1 or 3 of a 4-D input.
+    axes = v.as_axes(axis)
+    axes = (axes,) if isinstance(axes, int) else axes
+    fusable = ndim == 4 and len(axes) == 1 and axes[0] in _TF1_FUSED_AXES
+    # An unknown rank takes ``fused`` literally; a known one, as TF1 does (None: where it can).
+    uses_fused = bool(fused) if ndim is None else fusable and fused in (None, True)
     return BatchNorm(
         axis=axis,
         momentum=momentum,

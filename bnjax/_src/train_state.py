@@ -59,9 +59,4 @@ class TrainState(NamedTuple):
                 f"optimizer must be an optax.GradientTransformation (with init and update); "
                 f"got {type(optimizer).__name__}"
             )
-        return cls(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            bn_state=bn_state,
-            opt_state=init(params),
-        )
+        return cls(jnp.zeros((), jnp.int32), params, bn_state, init(params))
