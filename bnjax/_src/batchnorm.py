@@ -234,7 +234,8 @@ class BatchNorm:
             y = self._inference(params, state.running, x, axes)
             red = Reduction(axes, mask, self.axis_name, self.axis_index_groups)
             statistics = path(self.statistics, named_axis=self.axis_name is not None)
-            moments = batch_moments(x, red, statistics=statistics) if update_stats else None
+            x_stats = jax.lax.stop_gradient(x)  # statistics for the state: no tangent over x
+            moments = batch_moments(x_stats, red, statistics=statistics) if update_stats else None
         call_id = marks.new_call_id()
         steps = 0 if not x.size else x.shape[0] // self.virtual_batch_size if chunked else 1
         flags = {"training": training, "update_stats": update_stats, "steps": steps}
